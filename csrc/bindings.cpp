@@ -1,0 +1,47 @@
+// The one pybind11 module of fastmerge: fastmerge._C. Functions fill preallocated outputs; the Python
+// adapters (fastmerge/backends/cpp.py, cuda.py) allocate, validate and choose.
+#include "fastmerge/ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastmerge compiled kernels (CPU C++/OpenMP, optional CUDA)";
+#ifdef FASTMERGE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
+
+#define FM_BIND_ALL(SUFFIX)                                                                                    \
+  m.def("abs_histogram_" #SUFFIX, &fastmerge::abs_histogram_##SUFFIX, py::arg("x"), py::arg("hist"),          \
+        py::arg("level"), py::arg("prefix"));                                                                 \
+  m.def("row_kth_largest_abs_" #SUFFIX, &fastmerge::row_kth_largest_abs_##SUFFIX, py::arg("x"), py::arg("k"), \
+        py::arg("out"));                                                                                      \
+  m.def("prune_" #SUFFIX, &fastmerge::prune_##SUFFIX, py::arg("x"), py::arg("lo"), py::arg("hi"),             \
+        py::arg("out"), py::arg("stats"), py::arg("p"), py::arg("seed"), py::arg("key"), py::arg("offset"),   \
+        py::arg("scale"));                                                                                    \
+  m.def("ties_merge_" #SUFFIX, &fastmerge::ties_merge_##SUFFIX, py::arg("base"), py::arg("experts"),          \
+        py::arg("params"), py::arg("out"), py::arg("counts"), py::arg("seed"), py::arg("key"),                \
+        py::arg("offset"), py::arg("elect"), py::arg("merge"), py::arg("weighted_elect"),                     \
+        py::arg("zero_sign"), py::arg("lam"));                                                                \
+  m.def("tall_masks_" #SUFFIX, &fastmerge::tall_masks_##SUFFIX, py::arg("base"), py::arg("experts"),          \
+        py::arg("lambdas"), py::arg("mtl"), py::arg("masks"));                                                \
+  m.def("consensus_merge_" #SUFFIX, &fastmerge::consensus_merge_##SUFFIX, py::arg("base"),                    \
+        py::arg("experts"), py::arg("lambdas"), py::arg("mtl"), py::arg("min_count"), py::arg("lam"),         \
+        py::arg("out"));                                                                                      \
+  m.def("emr_elect_" #SUFFIX, &fastmerge::emr_elect_##SUFFIX, py::arg("base"), py::arg("experts"),            \
+        py::arg("tau_uni"), py::arg("masks"), py::arg("stats"));
+
+  FM_BIND_ALL(cpu)
+  m.def("della_prune_cpu", &fastmerge::della_prune_cpu, py::arg("x"), py::arg("out"), py::arg("density"),
+        py::arg("epsilon"), py::arg("seed"), py::arg("key"), py::arg("rescale"));
+#ifdef FASTMERGE_WITH_CUDA
+  FM_BIND_ALL(cuda)
+#endif
+#undef FM_BIND_ALL
+}

@@ -1,0 +1,205 @@
+"""The op contracts: torch.library schemas in the ``fastmerge`` namespace, their checks and fake kernels.
+
+Each op mutates preallocated outputs and returns nothing (callers in fastmerge.ops allocate). The real
+implementation of every op is one function: check the arguments, make the inputs contiguous (visible
+copies), move the tiny parameter tables to the CPU, pick a backend (fastmerge.backends.select) and run it.
+Fake kernels run the same checks, so the ops work under torch.compile and on fake/meta tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import select
+
+_LIB = torch.library.Library("fastmerge", "DEF")  # noqa: TOR901 - the namespace is owned by this module
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+SCHEMAS = {
+    "abs_histogram": "abs_histogram(Tensor x, Tensor(a!) hist, int level, int prefix) -> ()",
+    "row_kth_largest_abs": "row_kth_largest_abs(Tensor x, int k, Tensor(a!) out) -> ()",
+    "prune": "prune(Tensor x, Tensor lo, Tensor hi, Tensor(a!) out, Tensor(b!) stats, float p, int seed, "
+    "int key, int offset, float scale) -> ()",
+    "della_prune": "della_prune(Tensor x, Tensor(a!) out, float density, float epsilon, int seed, int key, "
+    "bool rescale) -> ()",
+    "ties_merge": "ties_merge(Tensor? base, Tensor[] experts, Tensor params, Tensor(a!)? out, Tensor(b!) counts, "
+    "int seed, int key, int offset, int elect, int merge, bool weighted_elect, float zero_sign, float lam) -> ()",
+    "tall_masks": "tall_masks(Tensor? base, Tensor[] experts, Tensor lambdas, Tensor? mtl, Tensor(a!) masks) -> ()",
+    "consensus_merge": "consensus_merge(Tensor? base, Tensor[] experts, Tensor lambdas, Tensor? mtl, int min_count, "
+    "float lam, Tensor(a!) out) -> ()",
+    "emr_elect": "emr_elect(Tensor? base, Tensor[] experts, Tensor(a!) tau_uni, Tensor(b!) masks, "
+    "Tensor(c!) stats) -> ()",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks (shared by the real and the fake kernels); messages name the argument
+
+
+def _float(name: str, t: torch.Tensor) -> None:
+    torch._check(t.dtype in _FLOAT, lambda: f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def _buffer(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple, device: torch.device) -> None:
+    torch._check(
+        t.dtype == dtype and tuple(t.shape) == tuple(shape),
+        lambda: f"{name} must be {dtype} of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}",
+    )
+    torch._check(t.device == device, lambda: f"{name} is on {t.device}, inputs are on {device}")
+
+
+def _same(name: str, t: torch.Tensor, like: torch.Tensor, what: str = "experts[0]") -> None:
+    torch._check(
+        tuple(t.shape) == tuple(like.shape),
+        lambda: f"{name} has shape {tuple(t.shape)}, {what} has {tuple(like.shape)}",
+    )
+    torch._check(t.device == like.device, lambda: f"{name} is on {t.device}, {what} is on {like.device}")
+
+
+def _experts(base, experts, table: torch.Tensor | None = None, table_name: str = "", cols: int = 0):
+    torch._check(len(experts) > 0, lambda: "experts must hold at least one tensor, got an empty list")
+    e0 = experts[0]
+    for i, e in enumerate(experts):
+        _float(f"experts[{i}]", e)
+        _same(f"experts[{i}]", e, e0)
+        torch._check(e.dtype == e0.dtype, lambda: f"experts[{i}] is {e.dtype}, experts[0] is {e0.dtype}")
+    if base is not None:
+        _same("base", base, e0)
+        torch._check(base.dtype == e0.dtype, lambda: f"base is {base.dtype}, experts are {e0.dtype}")
+    if table is not None:
+        shape = (len(experts), cols) if cols else (len(experts),)
+        torch._check(
+            tuple(table.shape) == shape and table.dtype == torch.float32,
+            lambda: f"{table_name} must be float32 of shape {shape}, got {table.dtype} {tuple(table.shape)}",
+        )
+
+
+def check(op: str, *a) -> None:
+    if op == "abs_histogram":
+        x, hist, level, prefix = a
+        _float("x", x)
+        _buffer("hist", hist, torch.int64, (1 << 16,), x.device)
+        torch._check(level in (0, 1), lambda: f"level must be 0 or 1, got {level}")
+        torch._check(0 <= prefix < (1 << 15), lambda: f"prefix must be in [0, 32768), got {prefix}")
+    elif op == "row_kth_largest_abs":
+        x, k, out = a
+        _float("x", x)
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D (rows, cols), got shape {tuple(x.shape)}")
+        torch._check(0 <= k <= x.shape[1], lambda: f"k must be in [0, {x.shape[1]}], got {k}")
+        _buffer("out", out, torch.float32, (x.shape[0],), x.device)
+    elif op == "prune":
+        x, lo, hi, out, stats, p, *_ = a
+        _float("x", x)
+        _float("out", out)
+        _same("out", out, x, "x")
+        for n, t in (("lo", lo), ("hi", hi)):
+            torch._check(t.dtype == torch.float32 and t.dim() == 1, lambda: f"{n} must be 1-D float32")
+        torch._check(lo.numel() == hi.numel(), lambda: f"lo has {lo.numel()} entries, hi has {hi.numel()}")
+        r = lo.numel()
+        torch._check(r >= 1 and x.numel() % r == 0, lambda: f"lo/hi ({r} rows) must divide x.numel()={x.numel()}")
+        _buffer("stats", stats, torch.float64, (2,), x.device)
+        torch._check(0.0 <= p <= 1.0, lambda: f"p (drop probability) must be in [0, 1], got {p}")
+    elif op == "della_prune":
+        x, out, density, epsilon, *_ = a
+        _float("x", x)
+        _same("out", out, x, "x")
+        torch._check(0.0 <= epsilon and 0.0 <= density - epsilon and density + epsilon <= 1.0,
+                     lambda: f"density±epsilon must lie in [0, 1], got density={density} epsilon={epsilon}")
+    elif op == "ties_merge":
+        base, experts, params, out, counts, seed, key, offset, elect, merge, *_ = a
+        _experts(base, experts, params, "params", 5)
+        if out is not None:
+            _float("out", out)
+            _same("out", out, experts[0])
+        _buffer("counts", counts, torch.int64, (2,), experts[0].device)
+        torch._check(elect in (0, 1, 2), lambda: f"elect code must be 0, 1 or 2, got {elect}")
+        torch._check(merge in (0, 1, 2, 3), lambda: f"merge code must be 0..3, got {merge}")
+    elif op in ("tall_masks", "consensus_merge"):
+        base, experts, lambdas, mtl = a[:4]
+        _experts(base, experts, lambdas, "lambdas")
+        if mtl is not None:
+            _float("mtl", mtl)
+            _same("mtl", mtl, experts[0])
+        if op == "tall_masks":
+            _buffer("masks", a[4], torch.bool, (len(experts), *experts[0].shape), experts[0].device)
+        else:
+            _float("out", a[6])
+            _same("out", a[6], experts[0])
+    elif op == "emr_elect":
+        base, experts, tau_uni, masks, stats = a
+        _experts(base, experts)
+        _float("tau_uni", tau_uni)
+        _same("tau_uni", tau_uni, experts[0])
+        _buffer("masks", masks, torch.bool, (len(experts), *experts[0].shape), experts[0].device)
+        _buffer("stats", stats, torch.float64, (len(experts), 2), experts[0].device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the real implementation: normalise, select, run
+
+
+def _contig(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _run(op: str, *a) -> None:
+    check(op, *a)
+    if op in ("abs_histogram", "row_kth_largest_abs", "prune", "della_prune"):
+        x = a[0]
+        fn = select(op, x.device, (x.dtype,))
+        if op == "prune":
+            x, lo, hi, out, stats, *rest = a
+            _into(out, lambda o: fn(_contig(x), _contig(lo), _contig(hi), o, stats, *rest))
+        elif op == "della_prune":
+            x, out, *rest = a
+            _into(out, lambda o: fn(_contig(x), o, *rest))
+        elif op == "row_kth_largest_abs":
+            _into(a[2], lambda o: fn(_contig(x), a[1], o))
+        else:
+            fn(_contig(x), *a[1:])
+        return
+    base, experts = _contig(a[0]), [_contig(e) for e in a[1]]
+    dtypes = (experts[0].dtype,)
+    o = {"ties_merge": a[3], "consensus_merge": a[-1], "emr_elect": a[2]}.get(op)  # float outputs
+    if o is not None:
+        dtypes = (*dtypes, o.dtype)
+    fn = select(op, experts[0].device, dtypes, len(experts))
+    if op == "ties_merge":
+        params, out, *rest = a[2:]
+        _into(out, lambda out_: fn(base, experts, params.detach().float().cpu().contiguous(), out_, *rest))
+    elif op in ("tall_masks", "consensus_merge"):
+        lambdas, mtl = a[2].detach().float().cpu().contiguous(), _contig(a[3])
+        if op == "tall_masks":
+            _into(a[4], lambda m: fn(base, experts, lambdas, mtl, m))
+        else:
+            _into(a[6], lambda out_: fn(base, experts, lambdas, mtl, a[4], a[5], out_))
+    else:
+        tau_uni, masks, stats = a[2:]
+        _into(tau_uni, lambda u: _into(masks, lambda m: fn(base, experts, u, m, stats)))
+
+
+def _into(out, call) -> None:
+    """Run ``call`` on ``out`` itself when contiguous, else on a contiguous scratch copied back (visible)."""
+    if out is None or out.is_contiguous():
+        call(out)
+    else:
+        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        call(tmp)
+        out.copy_(tmp)
+
+
+def _register(op: str) -> None:
+    _LIB.define(SCHEMAS[op])
+
+    def impl(*a):
+        _run(op, *a)
+
+    def fake(*a):
+        check(op, *a)
+
+    _LIB.impl(op, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fastmerge::{op}", fake, lib=_LIB)
+
+
+for _op in SCHEMAS:
+    _register(_op)

@@ -1,0 +1,286 @@
+"""Allocating Python API over the fastmerge ops, and the exact streaming magnitude threshold.
+
+Every function here checks its arguments, allocates outputs and calls ``torch.ops.fastmerge.*``, which
+dispatches to the best backend for the inputs' device and dtype (FASTMERGE_BACKEND forces one).
+fp16/bf16 inputs are accumulated in fp32 by every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _ops  # noqa: F401 - registers torch.ops.fastmerge.*
+from .reference import ELECT, HIST_BINS, MERGE
+
+_I64 = 1 << 64
+_NAN_BIN = 0x7F81  # level-0 bins above +inf's bin (0x7F80) hold NaN keys only
+
+
+def to_i64(v: int) -> int:
+    """A uint64 (or any Python int) as the signed int64 that torch.library schemas carry."""
+    v %= _I64
+    return v - _I64 if v >= 1 << 63 else v
+
+
+def name_key(name: str) -> int:
+    """64-bit FNV-1a hash of a tensor name: the ``key`` of its random stream (as a signed int64)."""
+    h = 0xCBF29CE484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001B3) % _I64
+    return to_i64(h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# thresholds
+
+
+def abs_histogram(x: torch.Tensor, hist: torch.Tensor | None = None, *, level: int = 0, prefix: int = 0):
+    """Accumulate the magnitude-key histogram of ``x`` into ``hist`` (int64 (65536,), created if None)."""
+    if hist is None:
+        hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=x.device)
+    torch.ops.fastmerge.abs_histogram(x, hist, level, prefix)
+    return hist
+
+
+class MagnitudeThreshold:
+    """Exact k-th largest |x| over a stream of tensors (chunks, tensors, shards, a whole model).
+
+    Pass 1 feeds every tensor to :meth:`add`; :meth:`select` then finds the 16-bit bucket that holds the
+    k-th largest key. If every tensor fed was bf16 (whose fp32 keys have zero low halves) or the bucket
+    holds a single distinct key, the threshold is known; otherwise ``select`` returns True and the same
+    tensors are fed again (pass 2 only counts elements of that one bucket). Counts are int64: correct far
+    beyond 2^31 elements. No sort, no index arrays.
+
+        sel = MagnitudeThreshold()
+        for t in tensors: sel.add(t)
+        if sel.select(k):
+            for t in tensors: sel.add(t)
+        thr = sel.threshold()     # keep |x| >= thr (ties kept)
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=self.device)
+        self.n = 0
+        self.all_bf16 = True
+        self._k = None
+        self._bucket = None
+        self._rank = None
+        self._low = None
+        self._result = None
+
+    def add(self, x: torch.Tensor, name: str | None = None) -> None:
+        """Feed one tensor (any float dtype, any device: moved to this selector's device)."""
+        x = x.detach().to(self.device)
+        if self._bucket is None:
+            self.all_bf16 &= x.dtype == torch.bfloat16
+            before = int(self.hist[_NAN_BIN:].sum())
+            abs_histogram(x, self.hist)
+            if int(self.hist[_NAN_BIN:].sum()) != before:
+                raise ValueError(f"NaN in {name or 'tensor'} (shape {tuple(x.shape)}): cannot rank magnitudes")
+            self.n += x.numel()
+        elif self._low is not None:
+            abs_histogram(x, self._low, level=1, prefix=self._bucket)
+        else:
+            raise RuntimeError("MagnitudeThreshold: threshold already known, no second pass needed")
+
+    def select(self, k: int) -> bool:
+        """Fix k (1-based k-th largest); True when a second pass over the same tensors is needed."""
+        if not 0 <= k <= self.n:
+            raise ValueError(f"k must be in [0, {self.n}] (elements seen), got {k}")
+        self._k = k
+        if k == 0:
+            self._result = math.inf
+            return False
+        above = torch.flip(torch.cumsum(torch.flip(self.hist, [0]), 0), [0])  # above[b] = #keys in bins >= b
+        b = int((above >= k).nonzero().max())
+        self._bucket = b
+        self._rank = k - int(above[b + 1]) if b + 1 < HIST_BINS else k
+        if self.all_bf16:
+            self._result = _key_to_float(b << 16)
+            return False
+        self._low = torch.zeros(HIST_BINS, dtype=torch.int64, device=self.device)
+        return True
+
+    def threshold(self) -> float:
+        """The k-th largest magnitude, as a Python float (exactly representable in fp32)."""
+        if self._result is None:
+            if self._low is None:
+                raise RuntimeError("MagnitudeThreshold: call select(k) (and the second pass it asks for) first")
+            above = torch.flip(torch.cumsum(torch.flip(self._low, [0]), 0), [0])
+            if int(above[0]) != int(self.hist[self._bucket]):
+                raise RuntimeError(
+                    f"MagnitudeThreshold: pass 2 saw {int(above[0])} elements in the boundary bucket, pass 1 saw "
+                    f"{int(self.hist[self._bucket])}: feed exactly the same tensors in both passes"
+                )
+            lo = int((above >= self._rank).nonzero().max())
+            self._result = _key_to_float((self._bucket << 16) | lo)
+        return self._result
+
+
+def _key_to_float(key: int) -> float:
+    return torch.tensor([key], dtype=torch.int32).view(torch.float32).item()
+
+
+def magnitude_threshold(tensors: torch.Tensor | list[torch.Tensor], k: int) -> float:
+    """Exact k-th largest |x| over one tensor or a set of tensors (1-based k; k = 0 gives +inf)."""
+    ts = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    if not ts:
+        raise ValueError("tensors must hold at least one tensor, got an empty list")
+    sel = MagnitudeThreshold(ts[0].device)
+    for t in ts:
+        sel.add(t)
+    if sel.select(k):
+        for t in ts:
+            sel.add(t)
+    return sel.threshold()
+
+
+def row_kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k-th largest |x| of every row of a 2-D tensor (radix select), fp32 (rows,); k = 0 gives +inf."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, cols), got shape {tuple(x.shape)}")
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    torch.ops.fastmerge.row_kth_largest_abs(x, int(k), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# elementwise sparsifiers
+
+
+def _rows(v, rows: int, device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    return torch.full((rows,), float(v), dtype=torch.float32, device=device)
+
+
+def prune(
+    x: torch.Tensor,
+    lo: float | torch.Tensor = 0.0,
+    hi: float | torch.Tensor = math.inf,
+    *,
+    p: float = 0.0,
+    seed: int = 0,
+    key: int = 0,
+    offset: int = 0,
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x * [lo <= |x| < hi] * [u >= p] * scale, and fp64 [sum |x|, sum |kept|].
+
+    lo/hi: floats (per tensor) or fp32 tensors of one value per row of the last dimension.
+    u: Philox uniform of (seed, key) at each element's linear index + offset.
+    """
+    rows = lo.numel() if isinstance(lo, torch.Tensor) else hi.numel() if isinstance(hi, torch.Tensor) else 1
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    stats = torch.zeros(2, dtype=torch.float64, device=x.device)
+    torch.ops.fastmerge.prune(
+        x, _rows(lo, rows, x.device), _rows(hi, rows, x.device), out, stats, float(p), to_i64(seed),
+        to_i64(key), int(offset), float(scale),
+    )
+    return out, stats
+
+
+def della_prune(x, density: float, epsilon: float, *, seed: int = 0, key: int = 0, rescale: bool = True,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """DELLA MagPrune per row of the last dimension (see fastmerge.reference.della_prune)."""
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    torch.ops.fastmerge.della_prune(x, out, float(density), float(epsilon), to_i64(seed), to_i64(key), bool(rescale))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sign consensus
+
+
+def ties_params(n: int, *, weights=None, lo=None, hi=None, p=None, scale=None) -> torch.Tensor:
+    """The (T, 5) fp32 table of ties_merge: per task (weight, lo, hi, drop p, scale), broadcasting scalars."""
+    cols = []
+    for name, v, default in (("weights", weights, 1.0), ("lo", lo, 0.0), ("hi", hi, math.inf), ("p", p, 0.0),
+                             ("scale", scale, 1.0)):
+        v = default if v is None else v
+        t = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(n)
+        if t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} values for {n} experts")
+        cols.append(t)
+    return torch.stack(cols, dim=1).contiguous()
+
+
+def ties_merge(
+    base: torch.Tensor | None,
+    experts: list[torch.Tensor],
+    params: torch.Tensor | None = None,
+    *,
+    elect: str = "sum",
+    merge: str = "mean",
+    weighted_elect: bool = False,
+    zero_sign: float = 1.0,
+    lam: float = 1.0,
+    seed: int = 0,
+    key: int = 0,
+    offset: int = 0,
+    out_dtype: torch.dtype | None = None,
+    write: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Fused trim/drop/elect/disjoint-merge in one pass (semantics: fastmerge.reference.ties_merge).
+
+    Returns (merged tensor or None when ``write`` is False, int64 [#s>0, #s<0]).
+    """
+    experts = list(experts)
+    if not experts:
+        raise ValueError("experts must hold at least one tensor, got an empty list")
+    if elect not in ELECT:
+        raise ValueError(f"elect must be one of {list(ELECT)}, got {elect!r}")
+    if merge not in MERGE:
+        raise ValueError(f"merge must be one of {list(MERGE)}, got {merge!r}")
+    if params is None:
+        params = ties_params(len(experts))
+    e0 = experts[0]
+    out = torch.empty(e0.shape, dtype=out_dtype or e0.dtype, device=e0.device) if write else None
+    counts = torch.zeros(2, dtype=torch.int64, device=e0.device)
+    torch.ops.fastmerge.ties_merge(
+        base, experts, params, out, counts, to_i64(seed), to_i64(key), int(offset), ELECT[elect], MERGE[merge],
+        bool(weighted_elect), float(zero_sign), float(lam),
+    )
+    return out, counts
+
+
+def tall_masks(base, experts, lambdas, mtl=None) -> torch.Tensor:
+    """TALL masks, bool (T, *shape): |delta_t| > lambda_t * |mtl - delta_t| (mtl = sum of deltas by default)."""
+    experts = list(experts)
+    if not experts:
+        raise ValueError("experts must hold at least one tensor, got an empty list")
+    lam = torch.as_tensor(lambdas, dtype=torch.float32).reshape(-1).expand(len(experts)).contiguous()
+    masks = torch.empty((len(experts), *experts[0].shape), dtype=torch.bool, device=experts[0].device)
+    torch.ops.fastmerge.tall_masks(base, experts, lam, mtl, masks)
+    return masks
+
+
+def consensus_merge(base, experts, lambdas, mtl=None, *, min_count: int = 2, lam: float = 1.0,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """base + lam * [#TALL masks >= min_count] * mtl, fused (no mask is stored)."""
+    experts = list(experts)
+    if not experts:
+        raise ValueError("experts must hold at least one tensor, got an empty list")
+    lamt = torch.as_tensor(lambdas, dtype=torch.float32).reshape(-1).expand(len(experts)).contiguous()
+    out = torch.empty(experts[0].shape, dtype=out_dtype or experts[0].dtype, device=experts[0].device)
+    torch.ops.fastmerge.consensus_merge(base, experts, lamt, mtl, int(min_count), float(lam), out)
+    return out
+
+
+def emr_elect(base, experts, out_dtype: torch.dtype = torch.float32):
+    """EMR elect: (tau_uni, bool masks (T, *shape), fp64 (T, 2) [sum |delta_t|, sum |tau_uni| mask_t])."""
+    experts = list(experts)
+    if not experts:
+        raise ValueError("experts must hold at least one tensor, got an empty list")
+    e0 = experts[0]
+    uni = torch.empty(e0.shape, dtype=out_dtype, device=e0.device)
+    masks = torch.empty((len(experts), *e0.shape), dtype=torch.bool, device=e0.device)
+    stats = torch.zeros(len(experts), 2, dtype=torch.float64, device=e0.device)
+    torch.ops.fastmerge.emr_elect(base, experts, uni, masks, stats)
+    return uni, masks, stats

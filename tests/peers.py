@@ -1,0 +1,119 @@
+"""Re-statements of how the peers compute the sign-consensus family, written from ../shared/spec
+(algorithms.md §4, peers.md §1.6 and §3) in the peers' own style (argsort/topk/kthvalue, full temporaries).
+
+They are golden references for the compat modes and the "today" baselines of the benchmarks.
+"""
+
+import torch
+
+
+# ---- mergekit 0.1.5 (generalized task arithmetic, per tensor) -------------------------------------------
+def mk_magnitude(delta, density):
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    mask = torch.zeros_like(delta)
+    w = delta.abs().view(-1).float()
+    mask.view(-1)[torch.argsort(w, descending=True)[:k]] = 1
+    return delta * mask
+
+
+def mk_outliers(delta, density, gamma):
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_bot, n_top = 0, n - target
+    order = torch.argsort(delta.abs().view(-1).float(), descending=False)
+    mask = torch.zeros_like(delta)
+    mask.view(-1)[order[n_bot:-n_top] if n_top > 0 else order[n_bot:]] = 1
+    return delta * mask
+
+
+def mk_ties(base, experts, densities, weights, lam=1.0, normalize=True, consensus="sum", sparsify=mk_magnitude):
+    deltas = torch.stack([sparsify(e - base, d) for e, d in zip(experts, densities, strict=True)])
+    w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *([1] * base.dim()))
+    wd = deltas * w
+    if consensus:
+        s = wd.sign()
+        maj = ((wd.sum(0) if consensus == "sum" else s.sum(0)) >= 0).to(wd.dtype) * 2 - 1
+        mask = s == maj
+        mixed = (wd * mask).sum(0)
+        div = (w * mask).sum(0)
+        div[div == 0] = 1
+    else:
+        mixed = wd.sum(0)
+        div = w.sum(0).expand_as(mixed).clone()
+        div[div.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / div
+    return (base + lam * mixed).to(base.dtype)
+
+
+# ---- PEFT merge_utils (task tensors, no base) -----------------------------------------------------------
+def peft_prune(t, density):
+    if density >= 1:
+        return t
+    k = int(density * t.numel())
+    mask = torch.zeros_like(t).reshape(-1)
+    mask[torch.topk(t.abs().reshape(-1), k=k, largest=True)[1]] = 1
+    return t * mask.reshape(t.shape)
+
+
+def peft_ties(tensors, weights, density, method="total"):
+    tt = torch.stack([peft_prune(t, density) for t in tensors])
+    sign = tt.sign()
+    mag = tt.sum(0) if method == "total" else sign.sum(0)
+    agree = sign == torch.where(mag >= 0, 1.0, -1.0)
+    w = torch.tensor(weights, dtype=tt.dtype).view(-1, *([1] * tensors[0].dim()))
+    mixed = (tt * w * agree).sum(0)
+    return mixed / torch.clamp(agree.sum(0), min=1.0)
+
+
+# ---- official TIES / FusionBench (flattened whole model) ------------------------------------------------
+def official_ties(flat_tvs, K, merge="mean"):
+    """flat_tvs: (T, d); K: kept fraction. Returns the merged flat task vector."""
+    n, d = flat_tvs.shape
+    k = d - int(d * K)
+    kth = flat_tvs.abs().kthvalue(k, dim=1, keepdim=True).values
+    trimmed = flat_tvs * (flat_tvs.abs() >= kth)
+    signs = torch.sign(trimmed.sum(0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    keep = torch.where(signs.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    sel = trimmed * keep
+    if merge == "mean":
+        return sel.sum(0) / torch.clamp((sel != 0).sum(0).float(), min=1)
+    if merge == "sum":
+        return sel.sum(0)
+    return sel.abs().max(0).values * signs
+
+
+# ---- official Breadcrumbs (per last-dim fibre, topk) ----------------------------------------------------
+def official_breadcrumbs(t, beta, gamma):
+    if t.dim() == 0:
+        return t
+    d = t.shape[-1]
+    n_top, n_keep = int(d * gamma), int(d * beta)
+    a = t.abs()
+    mask = torch.ones_like(t, dtype=torch.bool)
+    if n_top:
+        mask.scatter_(-1, a.topk(n_top, dim=-1).indices, False)
+    rest = torch.where(mask, a, torch.full_like(a, -1.0))
+    keep = torch.zeros_like(mask)
+    keep.scatter_(-1, rest.topk(n_keep, dim=-1).indices, True)
+    return t * (keep & mask)
+
+
+# ---- TALL masks / Consensus / EMR (official, flat) -------------------------------------------------------
+def official_tall(tvs, lambdas):
+    mtl = tvs.sum(0)
+    return torch.stack([tvs[t].abs() > lambdas[t] * (mtl - tvs[t]).abs() for t in range(len(tvs))])
+
+
+def official_emr(tvs):
+    flag = torch.where(tvs.sum(0) > 0, 1.0, -1.0)
+    agree = tvs * flag > 0
+    uni = flag * (tvs * agree).abs().max(0).values
+    return uni, agree
