@@ -1,0 +1,43 @@
+# fastmerge: `make demo` and `make test` work on a fresh machine (they create .venv and build everything).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export OMP_NUM_THREADS ?= 1
+export MAX_JOBS ?= 2
+
+.PHONY: setup build test test-triton check-cuda lint demo bench clean
+
+# torch first (pinned to the local CPU wheel where there is one), so nothing pulls CUDA wheels
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
+	$(PIP) install -q numpy safetensors pybind11 triton pytest pytest-benchmark ruff setuptools wheel ninja
+	touch $@
+
+setup: $(VENV)/.deps
+
+build: setup
+	$(PIP) install -q --no-build-isolation -e .
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: build lint
+	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-triton check-cuda
+
+test-triton: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
+
+check-cuda: setup
+	$(PY) tools/check_cuda.py
+
+demo: build
+	$(PY) examples/demo.py
+
+bench: build
+	$(PY) -m pytest benchmarks -m benchmark -o addopts="" --benchmark-json=benchmarks/results/latest.json
+
+clean:
+	rm -rf build *.egg-info fastmerge/*.so fastmerge/_build_info.json
