@@ -33,7 +33,7 @@ def main(path: str) -> None:
         for prov, b in sorted(provs.items(), key=lambda kv: kv[1]["stats"]["median"]):
             med = b["stats"]["median"]
 
-            def ratio(base):
+            def ratio(base, provs=provs, med=med, prov=prov):
                 return f"{provs[base]['stats']['median'] / med:.1f}x" if base in provs and base != prov else ""
 
             t = f"{med * 1e3:.1f} ms" if med < 10 else f"{med:.1f} s"

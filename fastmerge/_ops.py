@@ -62,7 +62,7 @@ def _experts(base, experts, table: torch.Tensor | None = None, table_name: str =
     for i, e in enumerate(experts):
         _float(f"experts[{i}]", e)
         _same(f"experts[{i}]", e, e0)
-        torch._check(e.dtype == e0.dtype, lambda: f"experts[{i}] is {e.dtype}, experts[0] is {e0.dtype}")
+        torch._check(e.dtype == e0.dtype, lambda i=i, e=e: f"experts[{i}] is {e.dtype}, experts[0] is {e0.dtype}")
     if base is not None:
         _same("base", base, e0)
         torch._check(base.dtype == e0.dtype, lambda: f"base is {base.dtype}, experts are {e0.dtype}")
@@ -93,12 +93,13 @@ def check(op: str, *a) -> None:
         _float("out", out)
         _same("out", out, x, "x")
         for n, t in (("lo", lo), ("hi", hi)):
-            torch._check(t.dtype == torch.float32 and t.dim() == 1, lambda: f"{n} must be 1-D float32")
+            torch._check(t.dtype == torch.float32 and t.dim() == 1, lambda n=n: f"{n} must be 1-D float32")
         torch._check(lo.numel() == hi.numel(), lambda: f"lo has {lo.numel()} entries, hi has {hi.numel()}")
         r = lo.numel()
         torch._check(r >= 1 and x.numel() % r == 0, lambda: f"lo/hi ({r} rows) must divide x.numel()={x.numel()}")
         _buffer("stats", stats, torch.float64, (2,), x.device)
         torch._check(0.0 <= p <= 1.0, lambda: f"p (drop probability) must be in [0, 1], got {p}")
+        torch._check(a[-2] >= 0, lambda: f"offset must be >= 0, got {a[-2]}")
     elif op == "della_prune":
         x, out, density, epsilon, *_ = a
         _float("x", x)
@@ -114,6 +115,7 @@ def check(op: str, *a) -> None:
         _buffer("counts", counts, torch.int64, (2,), experts[0].device)
         torch._check(elect in (0, 1, 2), lambda: f"elect code must be 0, 1 or 2, got {elect}")
         torch._check(merge in (0, 1, 2, 3), lambda: f"merge code must be 0..3, got {merge}")
+        torch._check(offset >= 0, lambda: f"offset must be >= 0, got {offset}")
     elif op in ("tall_masks", "consensus_merge"):
         base, experts, lambdas, mtl = a[:4]
         _experts(base, experts, lambdas, "lambdas")

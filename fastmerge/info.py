@@ -44,7 +44,8 @@ def report() -> str:
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")
-        lines.append(f"gpu       {torch.cuda.get_device_name(0)} (cc {'.'.join(map(str, torch.cuda.get_device_capability(0)))})")
+        cc = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        lines.append(f"gpu       {torch.cuda.get_device_name(0)} (cc {cc})")
     else:
         lines.append("gpu       none visible")
     lines.append("\nbackends:")

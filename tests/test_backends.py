@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
+from _backends import NATIVE, backend_device, dtypes_for
 
 from fastmerge import reference as ref
 from fastmerge.backends import get_backend
 from fastmerge.ops import name_key, ties_params, to_i64
-
-from _backends import NATIVE, backend_device, dtypes_for
 
 SHAPES = [(0,), (1,), (7,), (1009,), (31, 37), (3, 5, 129)]
 ELECTS = ["none", "sum", "count"]
