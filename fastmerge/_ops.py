@@ -104,8 +104,9 @@ def check(op: str, *a) -> None:
         x, out, density, epsilon, *_ = a
         _float("x", x)
         _same("out", out, x, "x")
-        torch._check(0.0 <= epsilon and 0.0 <= density - epsilon and density + epsilon <= 1.0,
-                     lambda: f"density±epsilon must lie in [0, 1], got density={density} epsilon={epsilon}")
+        torch._check(0.0 <= epsilon < density and density + epsilon <= 1.0,
+                     lambda: f"need 0 <= epsilon < density and density + epsilon <= 1 (keep probabilities in (0, 1]),"
+                     f" got density={density} epsilon={epsilon}")
     elif op == "ties_merge":
         base, experts, params, out, counts, seed, key, offset, elect, merge, *_ = a
         _experts(base, experts, params, "params", 5)

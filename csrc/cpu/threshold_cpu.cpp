@@ -1,0 +1,132 @@
+// Magnitude-key selections on the CPU: abs_histogram (the building block of the streaming exact top-k
+// threshold) and row_kth_largest_abs (per-row radix select). Semantics: fastmerge/reference.py.
+#include "common.h"
+
+namespace fastmerge {
+
+namespace {
+
+constexpr int64_t kBins = 1 << 16;
+
+// Adds the level-0 / level-1 histogram of x[begin, end) to h (int64, kBins).
+template <typename T>
+void hist_range(const T* __restrict x, int64_t begin, int64_t end, int64_t level, int64_t prefix,
+                int64_t* __restrict h) {
+  if (level == 0) {
+    for (int64_t i = begin; i < end; ++i) ++h[fm_abs_key(cpu::to_f32(x[i])) >> 16];
+  } else {
+    if (prefix < 0 || prefix >= (int64_t(1) << 15)) return;  // keys are < 2^31: no element can match
+    const uint32_t pre = static_cast<uint32_t>(prefix);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t k = fm_abs_key(cpu::to_f32(x[i]));
+      if ((k >> 16) == pre) ++h[k & 0xFFFFu];
+    }
+  }
+}
+
+template <typename T>
+void abs_histogram_impl(const T* x, int64_t n, int64_t level, int64_t prefix, int64_t* hist) {
+  // Per-thread histograms cost 512 KiB of zeroing and merging each: only worth it for large inputs.
+  const int nt = cpu::threads_for(n, int64_t(1) << 20);
+  if (nt <= 1) {
+    hist_range(x, 0, n, level, prefix, hist);
+    return;
+  }
+  std::vector<int64_t> part(static_cast<size_t>(nt) * kBins, 0);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = cpu::thread_id(), team = cpu::team_size();
+    // Element range of this thread (contiguous, static).
+    const int64_t per = n / team, rem = n % team;
+    const int64_t b = tid * per + std::min<int64_t>(tid, rem);
+    const int64_t e = b + per + (tid < rem ? 1 : 0);
+    int64_t* h = part.data() + static_cast<size_t>(tid) * kBins;
+    hist_range(x, b, e, level, prefix, h);
+#pragma omp barrier
+    // Merge: each thread adds a slice of bins over all partial histograms, in thread order.
+    const int64_t bper = kBins / team, brem = kBins % team;
+    const int64_t c0 = tid * bper + std::min<int64_t>(tid, brem);
+    const int64_t c1 = c0 + bper + (tid < brem ? 1 : 0);
+    for (int q = 0; q < team; ++q) {
+      const int64_t* hq = part.data() + static_cast<size_t>(q) * kBins;
+      for (int64_t i = c0; i < c1; ++i) hist[i] += hq[i];
+    }
+  }
+}
+
+// k-th largest key (1 <= k <= n) of keys[0, n) by four 8-bit digit passes, most significant first; keys is
+// used as scratch (candidates are compacted in place).
+inline uint32_t kth_largest_key(uint32_t* __restrict keys, int64_t n, int64_t k) {
+  uint32_t prefix = 0;  // digits selected so far
+  int64_t cand = n;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    if (cand == 1) return keys[0];
+    int64_t cnt[256] = {0};
+    for (int64_t i = 0; i < cand; ++i) ++cnt[(keys[i] >> shift) & 0xFFu];
+    int d = 255;
+    for (; d > 0; --d) {
+      if (cnt[d] >= k) break;
+      k -= cnt[d];
+    }
+    prefix |= static_cast<uint32_t>(d) << shift;
+    if (shift == 0) break;
+    if (cnt[d] != cand) {  // compact the candidates with this digit
+      int64_t m = 0;
+      for (int64_t i = 0; i < cand; ++i) {
+        const uint32_t v = keys[i];
+        keys[m] = v;
+        m += static_cast<int64_t>(((v >> shift) & 0xFFu) == static_cast<uint32_t>(d));
+      }
+      cand = m;
+    }
+  }
+  return prefix;
+}
+
+template <typename T>
+void kth_impl(const T* xp, int64_t rows, int64_t cols, int64_t k, float* o) {
+  const int nt = cpu::threads_for(rows * cols, int64_t(1) << 15);
+#pragma omp parallel num_threads(nt)
+  {
+    cpu::Scratch<uint32_t> buf(static_cast<size_t>(cols));
+    uint32_t* keys = buf.ptr();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = xp + r * cols;
+      for (int64_t i = 0; i < cols; ++i) keys[i] = fm_abs_key(cpu::to_f32(row[i]));
+      o[r] = cpu::bits_to_f32(kth_largest_key(keys, cols, k));
+    }
+  }
+}
+
+}  // namespace
+
+void abs_histogram_cpu(const at::Tensor& x, at::Tensor& hist, int64_t level, int64_t prefix) {
+  const char* op = "abs_histogram_cpu";
+  cpu::check_float3(x, op, "x");
+  cpu::check_exact(hist, at::kLong, kBins, op, "hist");
+  TORCH_CHECK(level == 0 || level == 1, op, ": level must be 0 or 1, got ", level);
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  int64_t* h = hist.data_ptr<int64_t>();
+  FM_DISPATCH_FLOAT3(x.scalar_type(), op,
+                     [&] { abs_histogram_impl(x.data_ptr<scalar_t>(), n, level, prefix, h); });
+}
+
+void row_kth_largest_abs_cpu(const at::Tensor& x, int64_t k, at::Tensor& out) {
+  const char* op = "row_kth_largest_abs_cpu";
+  cpu::check_float3(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got ", x.dim(), "-D");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  cpu::check_exact(out, at::kFloat, rows, op, "out");
+  TORCH_CHECK(k >= 0 && k <= cols, op, ": k must be in [0, ", cols, "], got ", k);
+  float* o = out.data_ptr<float>();
+  if (rows == 0) return;
+  if (k == 0) {
+    std::fill(o, o + rows, std::numeric_limits<float>::infinity());
+    return;
+  }
+  FM_DISPATCH_FLOAT3(x.scalar_type(), op, [&] { kth_impl(x.data_ptr<scalar_t>(), rows, cols, k, o); });
+}
+
+}  // namespace fastmerge
