@@ -21,15 +21,13 @@ def main(path: str) -> None:
         print(f"- {k}: {v}")
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
-        params = dict(b["params"] or {})
-        prov = params.pop("provider", b["extra_info"].get("provider", "?"))
+        prov = b["extra_info"].get("provider", "?")
         name = re.sub(r"\[.*", "", b["name"]).removeprefix("test_")
-        key = (name, tuple(sorted((k, str(v)) for k, v in params.items())))
-        groups[key][prov] = b
+        case = "-".join(p for p in (b.get("param") or "").split("-") if p != prov)
+        groups[(name, case)][prov] = b
     print("\n| op | case | provider | median | GB/s | vs mergekit | vs peft | vs reference |")
     print("|---|---|---|---|---|---|---|---|")
-    for (name, params), provs in sorted(groups.items()):
-        case = ", ".join(v for _, v in params)
+    for (name, case), provs in sorted(groups.items()):
         for prov, b in sorted(provs.items(), key=lambda kv: kv[1]["stats"]["median"]):
             med = b["stats"]["median"]
 

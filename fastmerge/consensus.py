@@ -51,8 +51,15 @@ def keep_rank(n: int, density: float, compat: str) -> int | None:
     return max(1, k) if compat == "mergekit" else k
 
 
-def _delta(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-    return x.float() if base is None else x.float() - base.float()
+def _delta(x: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 task vector x - base in one fused pass (the fp32 sum x + (-1)*base is exactly x - base).
+
+    ``out``: an fp32 buffer of x's shape to reuse (saves the page faults of a fresh allocation per task).
+    """
+    if base is None:
+        return x.float() if out is None else out.copy_(x)
+    return ops.ties_merge(None, [x, base], ops.ties_params(2, weights=[1.0, -1.0]), elect="none", merge="sum",
+                          out_dtype=torch.float32, out=out)[0]
 
 
 def magnitude_threshold_for(x: torch.Tensor, density: float, compat: str = "official") -> float:
@@ -162,7 +169,8 @@ def ties(
     dens = list(density) if isinstance(density, (list, tuple)) else [density] * len(experts)
     if len(dens) != len(experts):
         raise ValueError(f"density has {len(dens)} values for {len(experts)} experts")
-    lo = [magnitude_threshold_for(_delta(e, base), d, compat) for e, d in zip(experts, dens, strict=True)]
+    buf = torch.empty(experts[0].shape, dtype=torch.float32, device=experts[0].device)
+    lo = [magnitude_threshold_for(_delta(e, base, buf), d, compat) for e, d in zip(experts, dens, strict=True)]
     el, mg, weighted = _preset(compat, merge, elect, normalize)
     params = ops.ties_params(len(experts), weights=weights, lo=lo)
     if zero_sign is None:

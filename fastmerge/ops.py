@@ -226,10 +226,12 @@ def ties_merge(
     offset: int = 0,
     out_dtype: torch.dtype | None = None,
     write: bool = True,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Fused trim/drop/elect/disjoint-merge in one pass (semantics: fastmerge.reference.ties_merge).
 
-    Returns (merged tensor or None when ``write`` is False, int64 [#s>0, #s<0]).
+    Returns (merged tensor, written into ``out`` when given, or None when ``write`` is False,
+    int64 [#s>0, #s<0]).
     """
     experts = list(experts)
     if not experts:
@@ -241,7 +243,10 @@ def ties_merge(
     if params is None:
         params = ties_params(len(experts))
     e0 = experts[0]
-    out = torch.empty(e0.shape, dtype=out_dtype or e0.dtype, device=e0.device) if write else None
+    if write and out is None:
+        out = torch.empty(e0.shape, dtype=out_dtype or e0.dtype, device=e0.device)
+    elif not write:
+        out = None
     counts = torch.zeros(2, dtype=torch.int64, device=e0.device)
     torch.ops.fastmerge.ties_merge(
         base, experts, params, out, counts, to_i64(seed), to_i64(key), int(offset), ELECT[elect], MERGE[merge],
