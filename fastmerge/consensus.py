@@ -3,7 +3,7 @@
 ``compat`` picks whose rules apply; the differences are documented in README.md ("Compat modes"):
 
 * ``official`` (prateeky2806/ties-merging and its copies in the TSV/Iso/TALL/AdaMerging repos): keep the
-  magnitudes >= the kthvalue at k = n - int(n*density) (that keeps int(n*density)+1 entries, ties kept),
+  magnitudes >= the k-th smallest at k = n - int(n*density) (that keeps int(n*density)+1 entries, ties kept),
   elect sign(sum of trimmed deltas), zeros take the majority sign of the elected signs, disjoint mean.
 * ``fusionbench``: as official, but the disjoint *sum* by default.
 * ``mergekit`` (0.1.5): per tensor, keep the top max(1, int(density*n)) magnitudes, elect from the
@@ -12,7 +12,7 @@
   divide the weighted sum by the *count* of agreeing inputs.
 
 Ties at a threshold are kept (>=) in every mode; mergekit and PEFT break them arbitrarily through
-argsort/topk, so results can differ from theirs only when magnitudes tie exactly at the cut.
+their full sorts, so results can differ from theirs only when magnitudes tie exactly at the cut.
 """
 
 from __future__ import annotations
