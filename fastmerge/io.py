@@ -139,7 +139,9 @@ class Checkpoint:
             return
         found = sorted(os.listdir(path))
         pickles = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = f" (found pickle files {pickles[:3]}: convert them to safetensors; fastmerge never unpickles)" if pickles else ""
+        hint = ""
+        if pickles:
+            hint = f" (found pickle files {pickles[:3]}: convert them to safetensors; fastmerge never unpickles)"
         raise CheckpointError(f"{self.name}: {path} has neither {SINGLE} nor {INDEX}{hint}")
 
     def __contains__(self, name: str) -> bool:
