@@ -107,8 +107,8 @@ def _consensus_merge_kernel(
     tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def tall_masks(base, experts, lambdas, mtl, masks) -> None:
-    """masks (bool, (T, *shape)) = TALL masks of the experts (see reference.tall_masks)."""
+def _launch(kernel, base, experts, lambdas, mtl, dest, *scalars) -> None:
+    """Shared launch of the two TALL kernels: (base, ptr table, lambdas, mtl, dest, n, *scalars)."""
     T = len(experts)
     n = experts[0].numel() if T else 0
     if n == 0:
@@ -116,13 +116,14 @@ def tall_masks(base, experts, lambdas, mtl, masks) -> None:
     table, lams, aligned = device_args(experts, lambdas)
     block = tile_size(T, 2048)
     with on_device(experts[0].device):
-        _tall_masks_kernel[(triton.cdiv(n, block),)](
+        kernel[(triton.cdiv(n, block),)](
             base if base is not None else experts[0],
             table,
             lams,
             mtl if mtl is not None else experts[0],
-            masks.view(torch.uint8),
+            dest,
             n,
+            *scalars,
             T=T,
             DTYPE=tl_dtype(experts[0].dtype),
             ALIGNED=aligned,
@@ -132,32 +133,13 @@ def tall_masks(base, experts, lambdas, mtl, masks) -> None:
             num_warps=4,
             **LAUNCH_OPTS,
         )
+
+
+def tall_masks(base, experts, lambdas, mtl, masks) -> None:
+    """masks (bool, (T, *shape)) = TALL masks of the experts (see reference.tall_masks)."""
+    _launch(_tall_masks_kernel, base, experts, lambdas, mtl, masks.view(torch.uint8))
 
 
 def consensus_merge(base, experts, lambdas, mtl, min_count, lam, out) -> None:
     """out = base + lam * [#TALL masks >= min_count] * mtl (see reference.consensus_merge)."""
-    T = len(experts)
-    n = experts[0].numel() if T else 0
-    if n == 0:
-        return
-    table, lams, aligned = device_args(experts, lambdas)
-    block = tile_size(T, 2048)
-    with on_device(experts[0].device):
-        _consensus_merge_kernel[(triton.cdiv(n, block),)](
-            base if base is not None else experts[0],
-            table,
-            lams,
-            mtl if mtl is not None else experts[0],
-            out,
-            n,
-            int(min_count),
-            float(lam),
-            T=T,
-            DTYPE=tl_dtype(experts[0].dtype),
-            ALIGNED=aligned,
-            HAS_BASE=base is not None,
-            HAS_MTL=mtl is not None,
-            BLOCK=block,
-            num_warps=4,
-            **LAUNCH_OPTS,
-        )
+    _launch(_consensus_merge_kernel, base, experts, lambdas, mtl, out, int(min_count), float(lam))

@@ -128,24 +128,22 @@ void ties_merge_cpu(const OptTensor& base, const std::vector<at::Tensor>& expert
   });
 }
 
-void tall_masks_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts, const at::Tensor& lambdas,
-                    const OptTensor& mtl, at::Tensor& masks) {
-  const char* op = "tall_masks_cpu";
-  const int64_t N = cpu::check_experts(base, experts, op);
+namespace {
+
+// Checks and arguments shared by the two TALL entry points; runs the kernel (masks and/or merged out).
+// N: the element count the caller got from cpu::check_experts.
+void run_tall(const char* op, int64_t N, const OptTensor& base, const std::vector<at::Tensor>& experts,
+              const at::Tensor& lambdas, const OptTensor& mtl, TallArgs A) {
   const int64_t T = static_cast<int64_t>(experts.size());
   cpu::check_exact(lambdas, at::kFloat, T, op, "lambdas");
-  cpu::check_exact(masks, at::kBool, T * N, op, "masks");
   if (cpu::has(mtl)) {
     cpu::check_float3(*mtl, op, "mtl");
     TORCH_CHECK(mtl->numel() == N, op, ": mtl has ", mtl->numel(), " elements, experts have ", N);
   }
   if (N == 0) return;
-  TallArgs A{};
   A.lam = lambdas.data_ptr<float>();
   A.mtl = cpu::has(mtl) ? mtl->data_ptr() : nullptr;
   A.mtl_dt = cpu::has(mtl) ? mtl->scalar_type() : at::kFloat;
-  A.masks = masks.data_ptr<bool>();
-  A.out = nullptr;
   const cpu::Isa isa = cpu::isa();
   const bool hb = cpu::has(base);
   FM_DISPATCH_FLOAT3(experts[0].scalar_type(), op, [&] {
@@ -154,35 +152,31 @@ void tall_masks_cpu(const OptTensor& base, const std::vector<at::Tensor>& expert
   });
 }
 
+}  // namespace
+
+void tall_masks_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts, const at::Tensor& lambdas,
+                    const OptTensor& mtl, at::Tensor& masks) {
+  const char* op = "tall_masks_cpu";
+  const int64_t N = cpu::check_experts(base, experts, op);
+  cpu::check_exact(masks, at::kBool, static_cast<int64_t>(experts.size()) * N, op, "masks");
+  TallArgs A{};
+  A.masks = N ? masks.data_ptr<bool>() : nullptr;
+  run_tall(op, N, base, experts, lambdas, mtl, A);
+}
+
 void consensus_merge_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts,
                          const at::Tensor& lambdas, const OptTensor& mtl, int64_t min_count, double lam,
                          at::Tensor& out) {
   const char* op = "consensus_merge_cpu";
   const int64_t N = cpu::check_experts(base, experts, op);
-  const int64_t T = static_cast<int64_t>(experts.size());
-  cpu::check_exact(lambdas, at::kFloat, T, op, "lambdas");
   cpu::check_float3(out, op, "out");
   TORCH_CHECK(out.numel() == N, op, ": out has ", out.numel(), " elements, experts have ", N);
-  if (cpu::has(mtl)) {
-    cpu::check_float3(*mtl, op, "mtl");
-    TORCH_CHECK(mtl->numel() == N, op, ": mtl has ", mtl->numel(), " elements, experts have ", N);
-  }
-  if (N == 0) return;
   TallArgs A{};
-  A.lam = lambdas.data_ptr<float>();
-  A.mtl = cpu::has(mtl) ? mtl->data_ptr() : nullptr;
-  A.mtl_dt = cpu::has(mtl) ? mtl->scalar_type() : at::kFloat;
-  A.masks = nullptr;
-  A.out = out.data_ptr();
+  A.out = N ? out.data_ptr() : nullptr;
   A.odt = out.scalar_type();
   A.min_count = min_count;
   A.lam_out = static_cast<float>(lam);
-  const cpu::Isa isa = cpu::isa();
-  const bool hb = cpu::has(base);
-  FM_DISPATCH_FLOAT3(experts[0].scalar_type(), op, [&] {
-    const scalar_t* b = hb ? base->data_ptr<scalar_t>() : nullptr;
-    FM_ISA_CALL(isa, tall_impl<scalar_t>, b, expert_ptrs<scalar_t>(experts), N, A);
-  });
+  run_tall(op, N, base, experts, lambdas, mtl, A);
 }
 
 void emr_elect_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts, at::Tensor& tau_uni,
