@@ -9,6 +9,21 @@ from .backends import NoBackendError
 from .consensus import breadcrumbs, dare, della, magnitude_prune, ties, ties_global
 from .ops import MagnitudeThreshold, magnitude_threshold, name_key
 
+
+def merge(config, out_dir, **options):
+    """Merge the models a mergekit-style config names into ``out_dir``; see fastmerge.engine.merge."""
+    from .engine import merge as _merge
+
+    return _merge(config, out_dir, **options)
+
+
+def reconstruct(store, task, out_dir, **options):
+    """Write one task's model from a multi-task store; see fastmerge.store.reconstruct."""
+    from .store import reconstruct as _reconstruct
+
+    return _reconstruct(store, task, out_dir, **options)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -20,8 +35,10 @@ __all__ = [
     "della",
     "magnitude_prune",
     "magnitude_threshold",
+    "merge",
     "name_key",
     "ops",
+    "reconstruct",
     "reference",
     "ties",
     "ties_global",

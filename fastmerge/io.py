@@ -11,6 +11,7 @@ is written (``ShardedWriter``); an error or Ctrl-C removes it.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -108,6 +109,7 @@ class Checkpoint:
         self.path = path
         self.name = name or path
         self.tensors: dict[str, TensorInfo] = {}
+        self._fds: dict[str, int] = {}
         if os.path.isdir(path):
             self._open_dir(path)
         elif os.path.isfile(path):
@@ -154,88 +156,202 @@ class Checkpoint:
             raise CheckpointError(f"{self.name}: no tensor {name!r}") from None
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor (into ``out``'s storage when given: a preallocated or pinned uint8 buffer)."""
+        """Read one tensor (into ``out``'s storage when given: a preallocated or pinned uint8 buffer).
+
+        Each file is opened once and kept open until :meth:`close`; reads are positioned (``preadv``), so
+        several threads may read at once."""
         ti = self.info(name)
         buf = torch.empty(ti.nbytes, dtype=torch.uint8) if out is None else out.view(torch.uint8)[: ti.nbytes]
-        with open(ti.file, "rb") as f:
-            f.seek(ti.start)
-            got = f.readinto(memoryview(buf.numpy()))
+        fd = self._fds.get(ti.file)
+        if fd is None:
+            try:
+                fd = self._fds[ti.file] = os.open(ti.file, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{self.name}: {ti.file}: cannot open ({e.strerror})") from None
+        view, got = memoryview(buf.numpy()), 0
+        while got < ti.nbytes:
+            n = os.preadv(fd, [view[got:]], ti.start + got)
+            if n <= 0:
+                break
+            got += n
         if got != ti.nbytes:
             raise CheckpointError(f"{self.name}: {ti.file}: tensor {name!r} is truncated ({got} of {ti.nbytes} bytes)")
         return buf.view(ti.dtype).reshape(ti.shape)
 
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
-class ShardedWriter:
-    """Write tensors as HF-style safetensors shards + index, atomically.
 
-    Shards are written into a temporary directory beside ``out_dir`` as soon as they fill up to
-    ``max_shard_bytes``; :meth:`commit` writes the index, names the shards ``model-0000i-of-0000N``
-    and renames the directory to ``out_dir``. Used as a context manager, any exception removes the
-    temporary directory, so a failed merge leaves neither output nor temp files.
+class OutputDir:
+    """A directory built beside its final path and renamed into place by :meth:`commit`.
+
+    Used as a context manager, an exception (Ctrl-C included) removes the temporary directory, so a failed
+    merge leaves neither the output nor temp files. An existing output is never overwritten.
     """
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = 5 << 30, metadata: dict[str, str] | None = None):
-        out_dir = os.path.abspath(out_dir)
-        if os.path.exists(out_dir):
-            raise FileExistsError(f"output {out_dir} already exists; choose another path or remove it")
-        parent = os.path.dirname(out_dir)
+    def __init__(self, path: str):
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            raise FileExistsError(f"output {path} already exists; choose another path or remove it")
+        parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        self.out_dir = out_dir
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-        self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self.bytes_written = 0
+        self.path = path
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = t.detach().contiguous().cpu()
-        self._pending_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        i = len(self._shards)
-        save_file(self._pending, os.path.join(self.tmp, f"shard-{i}.safetensors"), metadata=self.metadata)
-        self.bytes_written += self._pending_bytes
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
-
-    def copy_file(self, src: str, name: str | None = None) -> None:
-        """Copy a side file (config.json, tokenizer files...) into the output."""
-        shutil.copy2(src, os.path.join(self.tmp, name or os.path.basename(src)))
-
-    def write_text(self, name: str, text: str) -> None:
-        with open(os.path.join(self.tmp, name), "w") as f:
-            f.write(text)
+    def sub(self, *parts: str) -> str:
+        p = os.path.join(self.tmp, *parts)
+        os.makedirs(p if not os.path.splitext(p)[1] else os.path.dirname(p), exist_ok=True)
+        return p
 
     def commit(self) -> str:
-        if self._pending or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.tmp, f"shard-{i}.safetensors"), os.path.join(self.tmp, final))
-            weight_map.update(dict.fromkeys(names, final))
-        if n > 1:
-            self.write_text(INDEX, json.dumps({"metadata": {"total_size": self.bytes_written},
-                                               "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        os.replace(self.tmp, self.out_dir)
-        return self.out_dir
+        os.replace(self.tmp, self.path)
+        return self.path
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> ShardedWriter:
+    def __enter__(self) -> OutputDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None or os.path.exists(self.tmp):
             self.abort()
-        elif os.path.exists(self.tmp):
-            self.commit()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+class ShardedWriter:
+    """HF-style safetensors shards + ``model.safetensors.index.json``, laid out before any data is written.
+
+    The caller declares every tensor (name, dtype, shape) up front, so each shard's header is final from the
+    start and each tensor goes straight to its offset with ``pwrite``: tensors can arrive in any order (from a
+    writer thread), nothing is buffered, and the whole output is reserved with ``posix_fallocate`` so a full
+    disk fails at once, naming the file, instead of after an hour of merging.
+    """
+
+    def __init__(self, directory: str, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = 5 << 30, metadata: dict[str, str] | None = None):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for name, dtype, shape in layout:
+            nb = math.prod(shape) * _itemsize(dtype)
+            if groups[-1] and size + nb > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, dtype, tuple(shape)))
+            size += nb
+        n = len(groups)
+        self.files: list[str] = []
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        self._pending = {name for name, _, _ in layout}
+        self.weight_map: dict[str, str] = {}
+        self.bytes_written = 0
+        self.total_bytes = 0
+        meta = {"format": "pt", **(metadata or {})}
+        try:
+            for i, group in enumerate(groups):
+                fname = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                path = os.path.join(directory, fname)
+                header, off = {"__metadata__": meta}, 0
+                for name, dtype, shape in group:
+                    nb = math.prod(shape) * _itemsize(dtype)
+                    header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nb]}
+                    off += nb
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                self.files.append(path)
+                data0 = 8 + len(raw)
+                total = data0 + off
+                try:
+                    os.posix_fallocate(fd, 0, max(total, 1))
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise OSError(e.errno, f"cannot reserve {total} bytes for {path}: {e.strerror}") from None
+                    os.ftruncate(fd, total)  # a filesystem without fallocate: a sparse file
+                self._pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0, path)
+                for name, dtype, shape in group:
+                    b, e = header[name]["data_offsets"]
+                    self._where[name] = (i, data0 + b, dtype, shape)
+                    self.weight_map[name] = fname
+                self.total_bytes += total
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _pwrite(fd: int, data, offset: int, path: str) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = os.pwrite(fd, view, offset)
+            except OSError as e:
+                raise OSError(e.errno, f"writing {path}: {e.strerror}") from None
+            view, offset = view[n:], offset + n
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """Write one declared tensor (dtype and shape must match the declaration)."""
+        try:
+            i, off, dtype, shape = self._where[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} was not declared in the output layout") from None
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"tensor {name!r}: got {t.dtype} {list(t.shape)}, declared {dtype} {list(shape)}")
+        if name not in self._pending:
+            raise ValueError(f"tensor {name!r} written twice")
+        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._pwrite(self._fds[i], data, off, self.files[i])
+        self._pending.discard(name)
+        self.bytes_written += data.nbytes
+
+    def finish(self) -> None:
+        """Check every declared tensor was written, flush, and write the index for sharded outputs."""
+        if self._pending:
+            missing = sorted(self._pending)
+            raise RuntimeError(f"{len(missing)} declared tensors were never written, e.g. {missing[:3]}")
+        for fd, path in zip(self._fds, self.files, strict=True):
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise OSError(e.errno, f"flushing {path}: {e.strerror}") from None
+        self.close()
+        if len(self.files) > 1:
+            with open(os.path.join(self.directory, INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": self.bytes_written},
+                           "weight_map": dict(sorted(self.weight_map.items()))}, f, indent=2)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+
+def parse_size(v: int | float | str) -> int:
+    """Bytes from an int or a string such as '5B' (billion), '500M', '2G', '2GiB', '1.5GB'."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v <= 0:
+            raise ValueError(f"size must be positive, got {v}")
+        return int(v)
+    s = str(v).strip().upper().replace(" ", "")
+    units = {"": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "B": 10**9,
+             "T": 10**12, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = None
+    if value is None or unit not in units or value <= 0:
+        raise ValueError(f"cannot read size {v!r}; use bytes or a number with K/M/G/T (GiB etc.) or B (billions)")
+    return int(value * units[unit])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import _ops  # noqa: F401 - registers torch.ops.fastmerge.*
@@ -94,10 +95,9 @@ class MagnitudeThreshold:
         if k == 0:
             self._result = math.inf
             return False
-        above = torch.flip(torch.cumsum(torch.flip(self.hist, [0]), 0), [0])  # above[b] = #keys in bins >= b
-        b = int((above >= k).nonzero().max())
+        b, above_b = _bucket_of(self.hist, k)
         self._bucket = b
-        self._rank = k - int(above[b + 1]) if b + 1 < HIST_BINS else k
+        self._rank = k - above_b
         if self.all_bf16:
             self._result = _key_to_float(b << 16)
             return False
@@ -109,15 +109,23 @@ class MagnitudeThreshold:
         if self._result is None:
             if self._low is None:
                 raise RuntimeError("MagnitudeThreshold: call select(k) (and the second pass it asks for) first")
-            above = torch.flip(torch.cumsum(torch.flip(self._low, [0]), 0), [0])
-            if int(above[0]) != int(self.hist[self._bucket]):
+            total = int(self._low.sum())
+            if total != int(self.hist[self._bucket]):
                 raise RuntimeError(
-                    f"MagnitudeThreshold: pass 2 saw {int(above[0])} elements in the boundary bucket, pass 1 saw "
+                    f"MagnitudeThreshold: pass 2 saw {total} elements in the boundary bucket, pass 1 saw "
                     f"{int(self.hist[self._bucket])}: feed exactly the same tensors in both passes"
                 )
-            lo = int((above >= self._rank).nonzero().max())
+            lo, _ = _bucket_of(self._low, self._rank)
             self._result = _key_to_float((self._bucket << 16) | lo)
         return self._result
+
+
+def _bucket_of(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The highest bin b whose count of keys in bins >= b reaches k (1-based), and the count strictly above b."""
+    h = hist.cpu().numpy()[::-1]
+    above = np.cumsum(h)                       # above[i] = #keys in the top i+1 bins
+    i = int(np.searchsorted(above, k))         # first i with above[i] >= k
+    return len(h) - 1 - i, int(above[i - 1]) if i else 0
 
 
 def _key_to_float(key: int) -> float:

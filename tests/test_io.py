@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from fastmerge.io import Checkpoint, CheckpointError, ShardedWriter, read_header
+from fastmerge.io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, parse_size, read_header
 
 
 def _tensors():
@@ -19,14 +19,22 @@ def _tensors():
     }
 
 
+def _write(out, ts, shard_bytes, order=None):
+    with OutputDir(str(out)) as od:
+        w = ShardedWriter(od.tmp, [(k, v.dtype, tuple(v.shape)) for k, v in ts.items()], shard_bytes)
+        for k in order or ts:  # any order: every tensor has its place from the start
+            w.write(k, ts[k])
+        w.finish()
+        with open(os.path.join(od.tmp, "config.json"), "w") as f:
+            f.write("{}")
+        od.commit()
+
+
 @pytest.mark.parametrize("shard_bytes", [1 << 30, 100])
 def test_writer_then_checkpoint_roundtrip(tmp_path, shard_bytes):
     ts = _tensors()
     out = tmp_path / "model"
-    with ShardedWriter(str(out), max_shard_bytes=shard_bytes) as w:
-        for k, v in ts.items():
-            w.add(k, v)
-        w.write_text("config.json", "{}")
+    _write(out, ts, shard_bytes, order=list(reversed(ts)))
     files = sorted(os.listdir(out))
     if shard_bytes == 100:
         assert "model.safetensors.index.json" in files and any(f.startswith("model-00001-of-") for f in files)
@@ -37,6 +45,7 @@ def test_writer_then_checkpoint_roundtrip(tmp_path, shard_bytes):
     for k, v in ts.items():
         got = ck.read(k)
         assert got.dtype == v.dtype and torch.equal(got, v)
+        assert torch.equal(load_file(ck.tensors[k].file)[k], v)  # the safetensors library reads it too
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dir left
 
 
@@ -51,14 +60,47 @@ def test_raw_file_and_preallocated_buffer(tmp_path):
 
 def test_writer_abort_leaves_nothing(tmp_path):
     out = tmp_path / "merged"
-    with pytest.raises(RuntimeError, match="boom"), ShardedWriter(str(out), max_shard_bytes=10) as w:
-        w.add("a", torch.ones(100))
-        w.add("b", torch.ones(100))
+    with pytest.raises(RuntimeError, match="boom"), OutputDir(str(out)) as od:
+        w = ShardedWriter(od.tmp, [("a", torch.float32, (100,)), ("b", torch.float32, (100,))], 10)
+        w.write("a", torch.ones(100))
         raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
-        ShardedWriter(str(tmp_path / "exists"))
+        OutputDir(str(tmp_path / "exists"))
+
+
+def test_writer_checks_declarations(tmp_path):
+    w = ShardedWriter(str(tmp_path), [("a", torch.float32, (4,)), ("b", torch.bfloat16, (2, 2))])
+    with pytest.raises(KeyError, match="'c' was not declared"):
+        w.write("c", torch.ones(4))
+    with pytest.raises(ValueError, match="'b': got torch.float32"):
+        w.write("b", torch.ones(2, 2))
+    w.write("a", torch.ones(4))
+    with pytest.raises(ValueError, match="written twice"):
+        w.write("a", torch.ones(4))
+    with pytest.raises(RuntimeError, match="never written.*'b'"):
+        w.finish()
+    w.close()
+
+
+def test_writer_disk_full_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, off, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"cannot reserve \d+ bytes for .*model.safetensors: No space"):
+        ShardedWriter(str(tmp_path), [("a", torch.float32, (4,))])
+
+
+def test_parse_size():
+    assert parse_size("5B") == 5_000_000_000 and parse_size("500M") == 500_000_000
+    assert parse_size("2GiB") == 2 << 30 and parse_size(1024) == 1024 and parse_size("1.5G") == 1_500_000_000
+    for bad in ("abc", "-1G", "5X", 0):
+        with pytest.raises(ValueError):
+            parse_size(bad)
 
 
 def test_errors_name_file_and_tensor(tmp_path):

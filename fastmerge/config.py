@@ -1,0 +1,261 @@
+"""Merge configurations: mergekit's YAML (``models:`` form), validated strictly, resolved per tensor.
+
+A config names a ``merge_method``, an optional ``base_model``, the ``models`` with per-model ``parameters``,
+global ``parameters``, ``dtype`` (inputs are cast to it, as mergekit does) and ``out_dtype``. A parameter
+value is a scalar, a list (a gradient over the layer index, interpolated as mergekit does), or a list of
+``{filter: substring-of-tensor-name, value: ...}`` conditions (the first match wins; no filter matches all).
+Per-model settings fall back to the global ``parameters``.
+
+fastmerge-only settings live under a top-level ``fastmerge:`` mapping, which mergekit ignores:
+``compat`` (whose semantics: mergekit by default, or official/fusionbench/peft), ``trim`` (``tensor`` or
+``global`` magnitude trimming), ``backend`` (force a kernel backend), ``tasks`` (names of the tasks in a
+multi-task store) and ``extra_tensors`` (``ignore`` or ``error``: tensors a model has and the base lacks).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "fastmerge", "name")
+UNSUPPORTED_KEYS = {
+    "slices": "layer slices are not supported yet; list whole models under 'models:'",
+    "modules": "multi-module configs are not supported yet; list whole models under 'models:'",
+    "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
+    "chat_template": "chat templates are not supported; the base model's tokenizer files are copied",
+}
+FASTMERGE_KEYS = {
+    "compat": ("mergekit", "official", "fusionbench", "peft"),
+    "trim": ("tensor", "global"),
+    "backend": None,
+    "tasks": None,
+    "extra_tensors": ("ignore", "error"),
+}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
+
+
+class ConfigError(ValueError):
+    """The merge configuration is invalid; the message says where and what was expected."""
+
+
+def parse_dtype(name: str | None, where: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPE_NAMES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"{where}: unknown dtype {name!r}; expected one of float32, float16, bfloat16") from None
+
+
+@dataclass(frozen=True)
+class InputModel:
+    path: str
+    parameters: dict[str, Any]
+    label: str
+
+
+@dataclass
+class MergeConfig:
+    method: str
+    base: InputModel | None
+    models: list[InputModel]          # every input in order; the base is one of them (appended if not listed)
+    parameters: dict[str, Any]
+    dtype: torch.dtype | None
+    out_dtype: torch.dtype | None
+    options: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def experts(self) -> list[InputModel]:
+        return [m for m in self.models if m is not self.base]
+
+
+def _load_yaml(source: str | os.PathLike | dict) -> tuple[dict, str]:
+    if isinstance(source, dict):
+        return copy.deepcopy(source), os.getcwd()
+    import yaml
+
+    text, root = str(source), os.getcwd()
+    if "\n" not in text and os.path.exists(text):
+        with open(text) as f:
+            text = f.read()
+        root = os.path.dirname(os.path.abspath(str(source)))
+    elif "\n" not in text and text.endswith((".yml", ".yaml")):
+        raise ConfigError(f"config file {text} not found")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a YAML mapping, got {type(data).__name__}")
+    return data, root
+
+
+def _check_setting(setting: Any, where: str) -> None:
+    """A scalar, a gradient (list of scalars) or conditions ({filter, value} mappings)."""
+    if isinstance(setting, (bool, int, float, str)):
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and setting:
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            return
+        for cond in setting:
+            if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+                raise ConfigError(f"{where}: a condition must be a mapping {{filter: ..., value: ...}}, got {cond!r}")
+            _check_setting(cond["value"], where)
+        return
+    raise ConfigError(f"{where}: expected a number, a list (gradient) or [{{filter, value}}...], got {setting!r}")
+
+
+def load(source: str | os.PathLike | dict) -> MergeConfig:
+    """Parse and validate a config (a YAML path, YAML text or a dict). Paths resolve against the file's folder."""
+    data, root = _load_yaml(source)
+    for key in data:
+        if key in UNSUPPORTED_KEYS:
+            raise ConfigError(f"config key {key!r}: {UNSUPPORTED_KEYS[key]}")
+        if key not in TOP_KEYS:
+            raise ConfigError(f"unknown config key {key!r}; expected one of {', '.join(TOP_KEYS)}")
+    method = data.get("merge_method")
+    if not isinstance(method, str):
+        raise ConfigError("config needs 'merge_method' (a method name)")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError("config needs 'models:', a non-empty list of {model: PATH, parameters: {...}}")
+
+    def resolve(p: Any, where: str) -> str:
+        if not isinstance(p, str) or not p:
+            raise ConfigError(f"{where}: expected a model path, got {p!r}")
+        if "+" in p and not os.path.exists(os.path.join(root, p)):
+            raise ConfigError(f"{where}: 'model+lora' references are not supported ({p!r})")
+        return os.path.normpath(os.path.join(root, os.path.expanduser(p)))
+
+    models: list[InputModel] = []
+    for i, m in enumerate(models_raw):
+        where = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"{where}: expected a mapping with 'model:', got {m!r}")
+        extra = set(m) - {"model", "parameters"}
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; expected 'model' and 'parameters'")
+        params = m.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.parameters: expected a mapping, got {params!r}")
+        for k, v in params.items():
+            _check_setting(v, f"{where}.parameters.{k}")
+        models.append(InputModel(resolve(m["model"], where), dict(params), str(m["model"])))
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"parameters: expected a mapping, got {params!r}")
+    for k, v in params.items():
+        _check_setting(v, f"parameters.{k}")
+
+    base = None
+    if data.get("base_model") is not None:
+        bpath = resolve(data["base_model"], "base_model")
+        base = next((m for m in models if m.path == bpath), None)
+        if base is None:
+            base = InputModel(bpath, {}, str(data["base_model"]))
+            models.append(base)
+    paths = [m.path for m in models]
+    dup = next((p for p in paths if paths.count(p) > 1), None)
+    if dup:
+        raise ConfigError(f"model {dup} is listed more than once")
+    ts = data.get("tokenizer_source")
+    if ts not in (None, "base"):
+        raise ConfigError(f"tokenizer_source: only 'base' is supported (the base's tokenizer is copied), got {ts!r}")
+
+    options = data.get("fastmerge") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"fastmerge: expected a mapping of fastmerge settings, got {options!r}")
+    for k, v in options.items():
+        if k not in FASTMERGE_KEYS:
+            raise ConfigError(f"fastmerge.{k}: unknown setting; expected one of {', '.join(FASTMERGE_KEYS)}")
+        allowed = FASTMERGE_KEYS[k]
+        if allowed and v not in allowed:
+            raise ConfigError(f"fastmerge.{k}: expected one of {', '.join(allowed)}, got {v!r}")
+    cfg = MergeConfig(method, base, models, dict(params), parse_dtype(data.get("dtype"), "dtype"),
+                      parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), data)
+    from . import methods
+
+    methods.validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-tensor resolution (mergekit's rules)
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_t(name: str, num_layers: int) -> float:
+    """mergekit's gradient position: i/(L-1) for the i-th block's tensors (1 when L == 1), 0 elsewhere."""
+    i = layer_index(name)
+    if i is None:
+        return 0.0
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if math.isnan(v):
+            raise ConfigError(f"{where}: NaN is not a valid value")
+        return int(v) if kind is int else v
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def evaluate(setting: Any, tensor: str, t: float, kind: type, where: str) -> Any:
+    """A setting's value for one tensor: filters first match, gradients interpolated at t. None: no match."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            vals = [_coerce(e, kind, where) for e in setting]
+            if kind not in (int, float):
+                return vals[int(t * (len(vals) - 1))]
+            x = t * (len(vals) - 1)
+            i0 = int(x)
+            i1 = min(len(vals) - 1, i0 + 1)
+            f = x - i0
+            return _coerce((1 - f) * vals[i0] + f * vals[i1], kind, where)
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor and str(flt) in tensor):
+                return evaluate(cond["value"], tensor, t, kind, where)
+        return None
+    return _coerce(setting, kind, where)

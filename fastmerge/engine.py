@@ -1,0 +1,501 @@
+"""The streaming merge engine: plan -> schedule -> execute, in bounded memory.
+
+* **Plan**: open every model's safetensors headers (nothing else is read), check that each model has the
+  base's tensor names, shapes and floating dtypes, and freeze one job per output tensor with its input
+  locations and its resolved parameters. Every error is raised here, before anything is written.
+* **Schedule**: jobs ordered by the base's (shard, offset), so each input shard is read front to back once.
+* **Execute**: a reader thread reads the next jobs' tensors (positioned reads into fresh buffers; pinned
+  buffers and non-blocking copies on a side stream on CUDA) while the main thread merges the current one, and
+  a writer thread ``pwrite``s results into pre-laid-out output shards. A byte budget covers every tensor in
+  flight (inputs being read or merged, outputs waiting to be written), so peak memory is about the budget
+  plus one tensor's fp32 temporaries, whatever the model's size. Methods with whole-model statistics run
+  extra streaming passes first (pass 1: histograms; pass 2: merge).
+
+The output is written into a temporary directory beside OUT and renamed at the end: a failure or Ctrl-C
+leaves neither OUT nor temp files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import resource
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import consensus, methods, ops, store
+from .config import ConfigError, MergeConfig, layer_t
+from .config import load as load_config
+from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, parse_size
+
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+)
+RECORD = "fastmerge_config.yml"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: where its inputs are, how it is merged."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: tuple[TensorInfo, ...]         # one per input model (config order); only the base's when copied
+    floating: bool
+    out_dtype: torch.dtype
+    shared: dict[str, Any]
+    per_input: tuple[dict[str, Any], ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(s.nbytes for s in self.sources)
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * torch.empty(0, dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class MergeSummary:
+    """What a merge did: wall time, bytes moved, peak memory, per-stage times."""
+
+    out_dir: str
+    method: str
+    tensors: int
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss_bytes: int
+    peak_gpu_bytes: int
+    passes: int
+    budget_bytes: int
+    stages: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def __str__(self) -> str:
+        gb = 1e9
+        st = ", ".join(f"{k} {v:.2f}s" for k, v in self.stages.items())
+        return (f"merged {self.tensors} tensors with {self.method} in {self.seconds:.2f}s "
+                f"({self.bytes_read / gb:.2f} GB read in {self.passes} pass(es), {self.bytes_written / gb:.2f} GB "
+                f"written, {self.bytes_read / gb / max(self.seconds, 1e-9):.2f} GB/s); peak RSS "
+                f"{self.peak_rss_bytes / 2**20:.0f} MiB, budget {self.budget_bytes / 2**20:.0f} MiB; {st}"
+                f" -> {self.out_dir}")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Budget:
+    """Bytes in flight; acquire blocks while over the limit (one item always proceeds alone)."""
+
+    def __init__(self, limit: int, stop: threading.Event):
+        self.limit, self.used, self.stop = limit, 0, stop
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit:
+                if self.stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def _num_layers(path: str) -> int | None:
+    cfg = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    if cfg and os.path.isfile(cfg):
+        try:
+            with open(cfg) as f:
+                c = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        c = c.get("text_config", c) if isinstance(c, dict) else {}
+        for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if isinstance(c.get(k), int):
+                return c[k]
+    return None
+
+
+class Engine:
+    def __init__(self, cfg: MergeConfig, *, device: str = "auto", seed: int = 0,
+                 memory_budget: int | str | None = None, out_shard_size: int | str = "5B", quiet: bool = False):
+        self.cfg = cfg
+        self.method = methods.get(cfg.method)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch has no CUDA device here (use --device cpu or auto)")
+        self.seed = int(seed)
+        self.quiet = quiet
+        self.out_shard_bytes = parse_size(out_shard_size)
+        self.user_budget = None if memory_budget is None else parse_size(memory_budget)
+        self.stages: dict[str, float] = {"plan": 0.0, "stats": 0.0, "read": 0.0, "merge": 0.0, "write": 0.0}
+        self.bytes_read = 0
+        self.passes = 0
+        self.ckpts: list[Checkpoint] = []
+        self.jobs: list[Job] = []
+        self.stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------- plan
+    def plan(self) -> list[Job]:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        self.ckpts = [Checkpoint(m.path, name=m.label) for m in cfg.models]
+        bi = cfg.models.index(cfg.base) if cfg.base is not None else 0
+        ref = self.ckpts[bi]
+        policy = cfg.options.get("extra_tensors", "ignore")
+        for ck in self.ckpts:
+            missing = [n for n in ref.tensors if n not in ck.tensors]
+            if missing and ck is not ref:
+                raise CheckpointError(f"model {ck.name} lacks tensor {missing[0]!r} of {ref.name}"
+                                      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            extra = [n for n in ck.tensors if n not in ref.tensors]
+            if extra:
+                msg = (f"model {ck.name} has {len(extra)} tensor(s) that {ref.name} lacks, e.g. {extra[0]!r}")
+                if policy == "error":
+                    raise CheckpointError(msg + " (fastmerge.extra_tensors: error)")
+                warnings.warn(msg + "; they are not merged (fastmerge.extra_tensors: ignore)", stacklevel=2)
+        L = _num_layers(ref.path)
+        if L is None:
+            from .config import layer_index
+
+            idx = [layer_index(n) for n in ref.tensors]
+            L = max((i for i in idx if i is not None), default=-1) + 1
+        order = sorted(ref.tensors.values(), key=lambda ti: (ti.file, ti.start))
+        jobs = []
+        for ti in order:
+            name = ti.name
+            infos = tuple(ck.tensors[name] for ck in self.ckpts)
+            floating = ti.dtype.is_floating_point
+            for ck, inf in zip(self.ckpts, infos, strict=True):
+                if inf.shape != ti.shape:
+                    raise CheckpointError(f"{ck.name}: {inf.file}: tensor {name!r} has shape {list(inf.shape)}, "
+                                          f"{ref.name} has {list(ti.shape)}")
+                if inf.dtype.is_floating_point != floating:
+                    raise CheckpointError(f"{ck.name}: {inf.file}: tensor {name!r} is {inf.dtype}, {ref.name} has "
+                                          f"{ti.dtype}: a floating tensor can only be merged with floating ones")
+            if not floating:
+                jobs.append(Job(name, ti.shape, (ti,), False, ti.dtype, {}, ()))
+                continue
+            shared, per_input = methods.resolve(cfg, name, layer_t(name, L))
+            out_dtype = cfg.out_dtype or cfg.dtype or ti.dtype
+            jobs.append(Job(name, ti.shape, infos, True, out_dtype, shared, tuple(per_input)))
+        if self.method.fn is None and not self.method.store:
+            raise ConfigError(f"merge_method {self.method.name} cannot run through the engine")
+        self.jobs = jobs
+        self.stages["plan"] += time.perf_counter() - t0
+        return jobs
+
+    def budget_bytes(self, write: bool) -> int:
+        biggest = max((j.in_bytes + (j.out_bytes if write else 0) for j in self.jobs), default=1)
+        if self.user_budget is not None:
+            if self.user_budget < biggest:
+                warnings.warn(f"memory budget {self.user_budget} B is below the largest tensor's inputs+output "
+                              f"({biggest} B); that tensor is processed alone, without prefetch", stacklevel=2)
+            return self.user_budget
+        return 2 * biggest
+
+    # ------------------------------------------------------------------------------------------- stream
+    def _load(self, job: Job) -> list[torch.Tensor]:
+        dtype = self.cfg.dtype
+        out = []
+        cuda = self.device.type == "cuda"
+        for ck, src in zip(self.ckpts if len(job.sources) > 1 else [self._ref()], job.sources, strict=True):
+            buf = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=cuda) if cuda else None
+            t = ck.read(src.name, out=buf)
+            if cuda:
+                t = t.to(self.device, non_blocking=True)
+            if job.floating and dtype is not None and t.dtype != dtype:
+                t = t.to(dtype)
+            out.append(t)
+        return out
+
+    def _ref(self) -> Checkpoint:
+        return self.ckpts[self.cfg.models.index(self.cfg.base)] if self.cfg.base is not None else self.ckpts[0]
+
+    def stream(self, jobs: list[Job], fn: Callable[[Job, list[torch.Tensor]], Any], desc: str,
+               write: Callable[[Any], int] | None = None) -> None:
+        """Run ``fn(job, inputs)`` over jobs with a prefetching reader; ``write(result)`` runs on a writer thread
+        and returns the bytes it wrote (budgeted from ``job.out_bytes`` until then)."""
+        stop = threading.Event()
+        budget = _Budget(self.budget_bytes(write is not None), stop)
+        ready: queue.Queue = queue.Queue()
+        wq: queue.Queue = queue.Queue()
+        errors: list[BaseException] = []
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def reader() -> None:
+            try:
+                for job in jobs:
+                    need = job.in_bytes + (job.out_bytes if write else 0)
+                    if not budget.acquire(need) or stop.is_set():
+                        return
+                    t0 = time.perf_counter()
+                    if side is not None:
+                        with torch.cuda.stream(side):
+                            tensors = self._load(job)
+                        side.synchronize()
+                    else:
+                        tensors = self._load(job)
+                    self.stages["read"] += time.perf_counter() - t0
+                    ready.put((job, tensors))
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                ready.put((None, e))
+
+        def writer() -> None:
+            while True:
+                item = wq.get()
+                if item is None:
+                    return
+                job, result = item
+                try:
+                    if not errors:
+                        t0 = time.perf_counter()
+                        write(result)
+                        self.stages["write"] += time.perf_counter() - t0
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+                    stop.set()
+                finally:
+                    budget.release(job.out_bytes)
+
+        bar = None
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(j.in_bytes for j in jobs), unit="B", unit_scale=True, unit_divisor=1000,
+                       desc=desc, dynamic_ncols=True, leave=True)
+        rt = threading.Thread(target=reader, name="fastmerge-reader", daemon=True)
+        wt = threading.Thread(target=writer, name="fastmerge-writer", daemon=True) if write else None
+        rt.start()
+        if wt:
+            wt.start()
+        done = 0
+        try:
+            for _ in jobs:
+                while True:
+                    try:
+                        job, tensors = ready.get(timeout=0.2)
+                        break
+                    except queue.Empty:
+                        if errors:
+                            raise errors[0] from None
+                if job is None:
+                    raise tensors
+                if errors:
+                    raise errors[0]
+                t0 = time.perf_counter()
+                result = fn(job, tensors)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                self.stages["merge"] += time.perf_counter() - t0
+                del tensors
+                self.bytes_read += job.in_bytes
+                budget.release(job.in_bytes)
+                if write:
+                    wq.put((job, result))
+                done += 1
+                if bar is not None:
+                    bar.update(job.in_bytes)
+                    bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
+            if wt:
+                wq.put(None)
+                wt.join()
+                wt = None
+            if errors:
+                raise errors[0]
+        finally:
+            stop.set()
+            if wt:
+                wq.put(None)
+                wt.join()
+            rt.join()
+            if bar is not None:
+                bar.close()
+            self.passes += 1
+
+    # ------------------------------------------------------------------------------------------- merge
+    def _call(self, job: Job, tensors: list[torch.Tensor]) -> methods.TensorCall:
+        bi = self.cfg.models.index(self.cfg.base) if self.cfg.base is not None else None
+        return methods.TensorCall(job.name, tensors, bi, job.shared, list(job.per_input), self.seed, job.out_dtype,
+                                  self.cfg.options, self.stats)
+
+    def _merge_one(self, job: Job, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not job.floating:
+            return tensors[0]
+        out = self.method.fn(self._call(job, tensors))
+        if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+            bad = [m.label for m, x in zip(self.cfg.models, tensors, strict=True) if not bool(torch.isfinite(x).all())]
+            why = f"input(s) {', '.join(bad)} hold NaN/inf there" if bad else "check the method's parameters"
+            raise ValueError(f"merging tensor {job.name!r} produced NaN/inf: {why}")
+        return out
+
+    def global_stats(self) -> None:
+        """Whole-model magnitude thresholds per task (and the official zero-sign rule) by streaming passes."""
+        cfg = self.cfg
+        if cfg.options.get("trim") != "global":
+            return
+        t0 = time.perf_counter()
+        compat = cfg.options.get("compat", "mergekit")
+        rule = "mergekit" if compat == "mergekit" and cfg.method in ("ties", "magnitude_prune") else "official"
+        experts = [i for i, m in enumerate(cfg.models) if m is not cfg.base]
+        bi = cfg.models.index(cfg.base)
+        jobs = [j for j in self.jobs if j.floating]
+        n = sum(j.numel for j in jobs)
+        dens = [float(jobs[0].per_input[i]["density"]) if jobs else 1.0 for i in experts]
+        ks = [consensus.keep_rank(n, d, rule) for d in dens]
+        sels = [ops.MagnitudeThreshold(self.device) for _ in experts]
+        active = [t for t, k in enumerate(ks) if k is not None]
+
+        def feed(job: Job, tensors: list[torch.Tensor]) -> None:
+            buf = torch.empty(job.shape, dtype=torch.float32, device=self.device)
+            for t in active:
+                sels[t].add(consensus._delta(tensors[experts[t]], tensors[bi], buf),
+                            f"{cfg.models[experts[t]].label}: {job.name}")
+
+        self.stream(jobs, feed, "stats: magnitudes")
+        again = [t for t in active if sels[t].select(ks[t])]
+        if again:
+            active = again
+            self.stream(jobs, feed, "stats: refine")
+        lo = [sels[t].threshold() if ks[t] is not None else 0.0 for t in range(len(experts))]
+        self.stats["lo"] = lo
+        if rule == "official":
+            counts = torch.zeros(2, dtype=torch.int64)
+            params = ops.ties_params(len(experts), lo=lo)
+
+            def count(job: Job, tensors: list[torch.Tensor]) -> None:
+                ex = [tensors[i] for i in experts]
+                counts.add_(ops.ties_merge(tensors[bi], ex, params, elect="sum", merge="sum", write=False)[1].cpu())
+
+            self.stream(jobs, count, "stats: signs")
+            self.stats["zero_sign"] = float(torch.sign(counts[0] - counts[1]))
+        self.stages["stats"] += time.perf_counter() - t0
+
+    def run(self, out_dir: str) -> MergeSummary:
+        t_start = time.perf_counter()
+        forced = self.cfg.options.get("backend")
+        old_env = os.environ.get("FASTMERGE_BACKEND")
+        if forced:
+            os.environ["FASTMERGE_BACKEND"] = str(forced)
+        try:
+            if not self.jobs:
+                self.plan()
+            with OutputDir(out_dir) as od:
+                self.global_stats()
+                if self.method.store:
+                    extra = store.write_store(self, od)
+                    written = extra.pop("bytes_written")
+                else:
+                    written = self._write_model(od.tmp)
+                    extra = {}
+                self._copy_side_files(od.tmp)
+                self._record(od.tmp)
+                od.commit()
+        finally:
+            for ck in self.ckpts:
+                ck.close()
+            if forced:
+                if old_env is None:
+                    os.environ.pop("FASTMERGE_BACKEND", None)
+                else:
+                    os.environ["FASTMERGE_BACKEND"] = old_env
+        gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return MergeSummary(os.path.abspath(out_dir), self.cfg.method, len(self.jobs), time.perf_counter() - t_start,
+                            self.bytes_read, written, peak_rss(), gpu, self.passes,
+                            self.budget_bytes(True), dict(self.stages), extra)
+
+    def _write_model(self, directory: str) -> int:
+        layout = [(j.name, j.out_dtype, j.shape) for j in self.jobs]
+        w = ShardedWriter(directory, layout, self.out_shard_bytes, metadata={"merged_by": "fastmerge"})
+        try:
+            self.stream(self.jobs, lambda j, ts: (j.name, self._merge_one(j, ts)), f"{self.cfg.method}",
+                        write=lambda r: w.write(*r))
+            w.finish()
+        finally:
+            w.close()
+        return w.bytes_written
+
+    def side_source(self) -> str | None:
+        ref = self._ref()
+        return ref.path if os.path.isdir(ref.path) else None
+
+    def _copy_side_files(self, directory: str) -> None:
+        src = self.side_source()
+        if src is None:
+            return
+        for f in SIDE_FILES:
+            p = os.path.join(src, f)
+            if not os.path.isfile(p):
+                continue
+            if f == "config.json" and not self.method.store:
+                self._write_config(p, os.path.join(directory, f))
+            else:
+                shutil.copy2(p, os.path.join(directory, f))
+
+    def _write_config(self, src: str, dst: str) -> None:
+        """config.json from the base, with its dtype set to the output's floating dtype."""
+        with open(src) as f:
+            c = json.load(f)
+        fl = [j.out_dtype for j in self.jobs if j.floating]
+        if fl and isinstance(c, dict):
+            name = str(fl[0]).replace("torch.", "")
+            for k in ("torch_dtype", "dtype"):
+                if k in c:
+                    c[k] = name
+        with open(dst, "w") as f:
+            json.dump(c, f, indent=2)
+
+    def _record(self, directory: str) -> None:
+        import yaml
+
+        from . import __version__
+
+        raw = dict(self.cfg.raw)
+        rec = {"fastmerge_version": __version__, "seed": self.seed, "device": str(self.device),
+               "config": raw, "resolved": {"models": [m.path for m in self.cfg.models],
+                                           "base_model": self.cfg.base.path if self.cfg.base else None,
+                                           "dtype": str(self.cfg.dtype), "out_dtype": str(self.cfg.out_dtype),
+                                           "options": self.cfg.options, "stats": self.stats}}
+        with open(os.path.join(directory, RECORD), "w") as f:
+            yaml.safe_dump(json.loads(json.dumps(rec, default=str)), f, sort_keys=False)
+
+
+def merge(config, out_dir: str, *, device: str = "auto", out_shard_size: int | str = "5B", seed: int = 0,
+          memory_budget: int | str | None = None, quiet: bool = False) -> MergeSummary:
+    """Merge the models a mergekit-style config names into ``out_dir`` (an HF safetensors directory).
+
+    config: a YAML path, YAML text or a dict. Returns a :class:`MergeSummary`. Everything is validated before
+    anything is written; the output appears atomically.
+    """
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    eng = Engine(cfg, device=device, seed=seed, memory_budget=memory_budget, out_shard_size=out_shard_size,
+                 quiet=quiet)
+    eng.plan()
+    return eng.run(out_dir)

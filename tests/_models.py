@@ -1,0 +1,103 @@
+"""Generated Llama-shaped checkpoints on disk (HF directories mergekit and transformers accept), for the
+engine's tests and benchmarks. No transformers import: tensors are written with safetensors directly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+
+def llama_config(hidden: int, layers: int, vocab: int, inter: int | None = None, dtype: str = "bfloat16") -> dict:
+    heads = max(1, hidden // 64)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter or (hidden * 4 if hidden < 512 else int(hidden * 2.6875)),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "hidden_act": "silu",
+    }
+
+
+def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        }
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    return shapes
+
+
+def save_hf(path: str, tensors: dict[str, torch.Tensor], cfg: dict | None = None, shard_bytes: int | None = None,
+            extra_files: dict[str, str] | None = None) -> str:
+    """An HF directory: model.safetensors, or shards of about ``shard_bytes`` + model.safetensors.index.json."""
+    os.makedirs(path, exist_ok=True)
+    if cfg is not None:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    if shard_bytes is None:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return path
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nb = t.numel() * t.element_size()
+        if shards[-1] and size + nb > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nb
+    weight_map = {}
+    for i, sd in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sd, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(sd, fname))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                   "weight_map": weight_map}, f)
+    return path
+
+
+def make_llama_family(root: str, *, hidden: int = 64, layers: int = 2, vocab: int = 256, experts: int = 2,
+                      dtype: torch.dtype = torch.bfloat16, noise: float = 0.01, seed: int = 0,
+                      shard_bytes: int | list[int | None] | None = None, inter: int | None = None) -> list[str]:
+    """Write base + ``experts`` fine-tunes (base + noise * N(0, 1)) as HF dirs; returns [base, ft0, ft1, ...].
+
+    shard_bytes: one value for every model, or one per model (mixed shard layouts)."""
+    dname = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    cfg = llama_config(hidden, layers, vocab, inter, dname)
+    shapes = llama_shapes(cfg)
+    g = torch.Generator().manual_seed(seed)
+    base = {k: (0.02 * torch.randn(s, generator=g)).to(dtype) for k, s in shapes.items()}
+    for k in base:
+        if k.endswith("norm.weight"):
+            base[k] = (1.0 + 0.1 * torch.randn(base[k].shape, generator=g)).to(dtype)
+    layouts = shard_bytes if isinstance(shard_bytes, list) else [shard_bytes] * (experts + 1)
+    tok = {"tokenizer_config.json": json.dumps({"model_max_length": 512}),
+           "generation_config.json": json.dumps({"do_sample": False})}
+    paths = [save_hf(os.path.join(root, "base"), base, cfg, layouts[0], tok)]
+    for e in range(experts):
+        ge = torch.Generator().manual_seed(100 + e + seed)
+        sd = {k: (v.float() + noise * torch.randn(v.shape, generator=ge)).to(dtype) for k, v in base.items()}
+        paths.append(save_hf(os.path.join(root, f"ft{e}"), sd, cfg, layouts[e + 1]))
+    return paths
