@@ -126,6 +126,18 @@ class _Budget:
             self.cond.notify_all()
 
 
+def _fixed_mmap_threshold(nbytes: int = 512 << 10) -> None:
+    """glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which freed
+    tensors stay in per-thread heaps: with a reader, a merger and a writer thread that is several tensors of
+    resident memory nobody uses. A fixed threshold sends every tensor-sized block back to the OS on free."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _num_layers(path: str) -> int | None:
     cfg = os.path.join(path, "config.json") if os.path.isdir(path) else None
     if cfg and os.path.isfile(cfg):
@@ -349,12 +361,18 @@ class Engine:
     def _merge_one(self, job: Job, tensors: list[torch.Tensor]) -> torch.Tensor:
         if not job.floating:
             return tensors[0]
-        out = self.method.fn(self._call(job, tensors))
+        try:
+            out = self.method.fn(self._call(job, tensors))
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(f"merging tensor {job.name!r} with {self.cfg.method}: {e}{self._nonfinite(tensors)}") from e
         if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
-            bad = [m.label for m, x in zip(self.cfg.models, tensors, strict=True) if not bool(torch.isfinite(x).all())]
-            why = f"input(s) {', '.join(bad)} hold NaN/inf there" if bad else "check the method's parameters"
-            raise ValueError(f"merging tensor {job.name!r} produced NaN/inf: {why}")
+            why = self._nonfinite(tensors) or "; check the method's parameters"
+            raise ValueError(f"merging tensor {job.name!r} with {self.cfg.method} produced NaN/inf{why}")
         return out
+
+    def _nonfinite(self, tensors: list[torch.Tensor]) -> str:
+        bad = [m.label for m, x in zip(self.cfg.models, tensors, strict=True) if not bool(torch.isfinite(x).all())]
+        return f" (input(s) {', '.join(bad)} hold NaN/inf in this tensor)" if bad else ""
 
     def global_stats(self) -> None:
         """Whole-model magnitude thresholds per task (and the official zero-sign rule) by streaming passes."""
@@ -400,6 +418,7 @@ class Engine:
 
     def run(self, out_dir: str) -> MergeSummary:
         t_start = time.perf_counter()
+        _fixed_mmap_threshold()
         forced = self.cfg.options.get("backend")
         old_env = os.environ.get("FASTMERGE_BACKEND")
         if forced:
