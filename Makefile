@@ -12,7 +12,13 @@ export MAX_JOBS ?= 2
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
-	$(PIP) install -q numpy safetensors pybind11 triton pytest pytest-benchmark ruff setuptools wheel ninja
+	$(PIP) install -q numpy safetensors pybind11 pyyaml tqdm triton pytest pytest-benchmark ruff setuptools wheel ninja
+	$(PIP) install -q mergekit==0.1.5  # the peer the engine's golden tests and benchmarks compare against
+	touch $@
+
+$(VENV)/.demo-deps: $(VENV)/.deps examples/minilm/requirements.txt examples/minilm/requirements-nodeps.txt
+	$(PIP) install -q -r examples/minilm/requirements.txt
+	$(PIP) install -q --no-deps -r examples/minilm/requirements-nodeps.txt
 	touch $@
 
 setup: $(VENV)/.deps
@@ -33,7 +39,7 @@ test-triton: build
 check-cuda: setup
 	$(PY) tools/check_cuda.py
 
-demo: build
+demo: build $(VENV)/.demo-deps
 	$(PY) examples/demo.py
 
 bench: build

@@ -313,15 +313,11 @@ class ShardedWriter:
         self.bytes_written += data.nbytes
 
     def finish(self) -> None:
-        """Check every declared tensor was written, flush, and write the index for sharded outputs."""
+        """Check every declared tensor was written and write the index for sharded outputs. (No fsync: like
+        ``save_file``, the data reaches the disk when the OS writes its page cache back.)"""
         if self._pending:
             missing = sorted(self._pending)
             raise RuntimeError(f"{len(missing)} declared tensors were never written, e.g. {missing[:3]}")
-        for fd, path in zip(self._fds, self.files, strict=True):
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                raise OSError(e.errno, f"flushing {path}: {e.strerror}") from None
         self.close()
         if len(self.files) > 1:
             with open(os.path.join(self.directory, INDEX), "w") as f:
