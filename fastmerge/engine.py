@@ -127,6 +127,14 @@ class _Budget:
             self.cond.notify_all()
 
 
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list):
+        return [t for e in x for t in _tensors(e)]
+    return []
+
+
 class _Pool:
     """Host buffers for reads, reused by size: no page faults on every tensor read (and pinned once on CUDA).
     It keeps at most ``cap`` bytes of idle buffers."""
@@ -358,13 +366,11 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 self.stages["merge"] += time.perf_counter() - t0
-                if isinstance(result, torch.Tensor) and any(result.data_ptr() == b.data_ptr() for b in bufs):
-                    bufs = []  # the result is an input buffer itself (a copied tensor): not reusable yet
-                elif isinstance(result, tuple | list):
-                    bufs = []  # composite results may hold input buffers until written
                 del tensors
-                for b in bufs:
-                    self._pool.put(b)
+                held = {t.untyped_storage().data_ptr() for t in _tensors(result)}
+                for b in bufs:  # buffers a result still uses (a copied tensor) are freed after writing instead
+                    if b.untyped_storage().data_ptr() not in held:
+                        self._pool.put(b)
                 self.bytes_read += job.in_bytes
                 budget.release(job.in_bytes)
                 if write:
@@ -402,10 +408,18 @@ class Engine:
             out = self.method.fn(self._call(job, tensors))
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"merging tensor {job.name!r} with {self.cfg.method}: {e}{self._nonfinite(tensors)}") from e
-        if out.dtype.is_floating_point and out.numel() and int(ops.abs_histogram(out)[_INF_BIN:].sum()):
-            why = self._nonfinite(tensors) or "; check the method's parameters"
-            raise ValueError(f"merging tensor {job.name!r} with {self.cfg.method} produced NaN/inf{why}")
         return out
+
+    def _check_finite(self, job: Job, out: torch.Tensor, hist: torch.Tensor) -> None:
+        """On the writer thread: NaN/inf in a merged tensor is an error naming the tensor and the input(s) at
+        fault (re-read from disk only then). One histogram pass over the output, off the merge thread."""
+        if not out.dtype.is_floating_point or not out.numel():
+            return
+        hist.zero_()
+        if int(ops.abs_histogram(out, hist)[_INF_BIN:].sum()):
+            inputs = [ck.read(src.name).to(out.device) for ck, src in zip(self.ckpts, job.sources, strict=False)]
+            why = self._nonfinite(inputs) or "; check the method's parameters"
+            raise ValueError(f"merging tensor {job.name!r} with {self.cfg.method} produced NaN/inf{why}")
 
     def _nonfinite(self, tensors: list[torch.Tensor]) -> str:
         bad = [m.label for m, x in zip(self.cfg.models, tensors, strict=True) if not bool(torch.isfinite(x).all())]
@@ -491,8 +505,13 @@ class Engine:
         layout = [(j.name, j.out_dtype, j.shape) for j in self.jobs]
         w = ShardedWriter(directory, layout, self.out_shard_bytes, metadata={"merged_by": "fastmerge"})
         try:
-            self.stream(self.jobs, lambda j, ts: (j.name, self._merge_one(j, ts)), f"{self.cfg.method}",
-                        write=lambda r: w.write(*r))
+            hist = torch.zeros(1 << 16, dtype=torch.int64, device=self.device)
+
+            def write(r: tuple[Job, torch.Tensor]) -> None:
+                self._check_finite(r[0], r[1], hist)
+                w.write(r[0].name, r[1])
+
+            self.stream(self.jobs, lambda j, ts: (j, self._merge_one(j, ts)), f"{self.cfg.method}", write=write)
             w.finish()
         finally:
             w.close()
