@@ -121,7 +121,10 @@ def _check_setting(setting: Any, where: str) -> None:
 
 
 def load(source: str | os.PathLike | dict) -> MergeConfig:
-    """Parse and validate a config (a YAML path, YAML text or a dict). Paths resolve against the file's folder."""
+    """Parse and validate a config (a YAML path, YAML text or a dict).
+
+    Relative model paths resolve against the working directory, as in mergekit, or, when nothing is there,
+    against the config file's folder."""
     data, root = _load_yaml(source)
     for key in data:
         if key in UNSUPPORTED_KEYS:
@@ -140,7 +143,10 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
             raise ConfigError(f"{where}: expected a model path, got {p!r}")
         if "+" in p and not os.path.exists(os.path.join(root, p)):
             raise ConfigError(f"{where}: 'model+lora' references are not supported ({p!r})")
-        return os.path.normpath(os.path.join(root, os.path.expanduser(p)))
+        p = os.path.expanduser(p)
+        if os.path.isabs(p) or os.path.exists(p) or root == os.getcwd():
+            return os.path.abspath(p)  # as mergekit: relative to the working directory
+        return os.path.normpath(os.path.join(root, p))  # else relative to the config file's folder
 
     models: list[InputModel] = []
     for i, m in enumerate(models_raw):

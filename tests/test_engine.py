@@ -368,3 +368,17 @@ def test_cli_merge_summary_and_quiet(fam, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", str(cp), str(tmp_path / "p")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "merged" in r.stdout and "tensors" in r.stderr  # summary line; tqdm bar
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della"])
+def test_cuda_merge_equals_cpu(fam, tmp_path, method):
+    c = cfg(method, fam, {"weight": 0.6, "density": 0.4})
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        s = fastmerge.merge(c, str(tmp_path / dev), quiet=True, seed=2, device=dev, memory_budget="1M")
+        outs[dev] = load_dir(tmp_path / dev)
+        if dev == "cuda":
+            assert s.peak_gpu_bytes > 0
+    for k, v in outs["cpu"].items():
+        torch.testing.assert_close(outs["cuda"][k], v, rtol=1e-6, atol=1e-7, msg=k)
