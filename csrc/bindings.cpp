@@ -4,6 +4,10 @@
 
 namespace py = pybind11;
 
+// Kernels run without the GIL (arguments are converted before the guard is taken), so the engine's reader and
+// writer threads keep going while a kernel computes.
+#define NOGIL py::call_guard<py::gil_scoped_release>()
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmerge compiled kernels (CPU C++/OpenMP, optional CUDA)";
 #ifdef FASTMERGE_WITH_CUDA
@@ -19,29 +23,30 @@ PYBIND11_MODULE(_C, m) {
 
 #define FM_BIND_ALL(SUFFIX)                                                                                    \
   m.def("abs_histogram_" #SUFFIX, &fastmerge::abs_histogram_##SUFFIX, py::arg("x"), py::arg("hist"),          \
-        py::arg("level"), py::arg("prefix"));                                                                 \
+        py::arg("level"), py::arg("prefix"), NOGIL);                                                                 \
   m.def("row_kth_largest_abs_" #SUFFIX, &fastmerge::row_kth_largest_abs_##SUFFIX, py::arg("x"), py::arg("k"), \
-        py::arg("out"));                                                                                      \
+        py::arg("out"), NOGIL);                                                                               \
   m.def("prune_" #SUFFIX, &fastmerge::prune_##SUFFIX, py::arg("x"), py::arg("lo"), py::arg("hi"),             \
         py::arg("out"), py::arg("stats"), py::arg("p"), py::arg("seed"), py::arg("key"), py::arg("offset"),   \
-        py::arg("scale"));                                                                                    \
+        py::arg("scale"), NOGIL);                                                                                    \
   m.def("ties_merge_" #SUFFIX, &fastmerge::ties_merge_##SUFFIX, py::arg("base"), py::arg("experts"),          \
         py::arg("params"), py::arg("out"), py::arg("counts"), py::arg("seed"), py::arg("key"),                \
         py::arg("offset"), py::arg("elect"), py::arg("merge"), py::arg("weighted_elect"),                     \
-        py::arg("zero_sign"), py::arg("lam"));                                                                \
+        py::arg("zero_sign"), py::arg("lam"), NOGIL);                                                                \
   m.def("tall_masks_" #SUFFIX, &fastmerge::tall_masks_##SUFFIX, py::arg("base"), py::arg("experts"),          \
-        py::arg("lambdas"), py::arg("mtl"), py::arg("masks"));                                                \
+        py::arg("lambdas"), py::arg("mtl"), py::arg("masks"), NOGIL);                                                \
   m.def("consensus_merge_" #SUFFIX, &fastmerge::consensus_merge_##SUFFIX, py::arg("base"),                    \
         py::arg("experts"), py::arg("lambdas"), py::arg("mtl"), py::arg("min_count"), py::arg("lam"),         \
-        py::arg("out"));                                                                                      \
+        py::arg("out"), NOGIL);                                                                               \
   m.def("emr_elect_" #SUFFIX, &fastmerge::emr_elect_##SUFFIX, py::arg("base"), py::arg("experts"),            \
-        py::arg("tau_uni"), py::arg("masks"), py::arg("stats"));
+        py::arg("tau_uni"), py::arg("masks"), py::arg("stats"), NOGIL);
 
   FM_BIND_ALL(cpu)
   m.def("della_prune_cpu", &fastmerge::della_prune_cpu, py::arg("x"), py::arg("out"), py::arg("density"),
-        py::arg("epsilon"), py::arg("seed"), py::arg("key"), py::arg("rescale"));
+        py::arg("epsilon"), py::arg("seed"), py::arg("key"), py::arg("rescale"), NOGIL);
 #ifdef FASTMERGE_WITH_CUDA
   FM_BIND_ALL(cuda)
 #endif
 #undef FM_BIND_ALL
+#undef NOGIL
 }

@@ -160,7 +160,7 @@ class _Pool:
                 self.size += n
 
 
-def _fixed_mmap_threshold(nbytes: int = 512 << 10) -> None:
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
     """glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which freed
     tensors stay in per-thread heaps: with a reader, a merger and a writer thread that is several tensors of
     resident memory nobody uses. A fixed threshold sends every tensor-sized block back to the OS on free."""
@@ -416,7 +416,7 @@ class Engine:
         if not out.dtype.is_floating_point or not out.numel():
             return
         hist.zero_()
-        if int(ops.abs_histogram(out, hist)[_INF_BIN:].sum()):
+        if int(ops.abs_histogram(out, hist)[_INF_BIN:].cpu().numpy().sum()):
             inputs = [ck.read(src.name).to(out.device) for ck, src in zip(self.ckpts, job.sources, strict=False)]
             why = self._nonfinite(inputs) or "; check the method's parameters"
             raise ValueError(f"merging tensor {job.name!r} with {self.cfg.method} produced NaN/inf{why}")

@@ -163,17 +163,24 @@ class GTA:
             if d <= 0.0 or x.numel() == 0:
                 lo[t] = math.inf
                 continue
+            if self.sparsify == "random":
+                drop[t] = 1.0 - d
+                if not rescale:
+                    continue
+            # In a bf16 merge mergekit ranks (and L1-sums) bf16-rounded task vectors: so does fastmerge, on a
+            # bf16 delta buffer (half the traffic, one histogram pass); the fused merge then cuts the exact fp32
+            # deltas at the fp32 bound of the same rounding class (_bf16_cut).
+            bf16 = x.dtype == torch.bfloat16 and base.dtype == torch.bfloat16 and self.sparsify != "della"
             if buf is None:
-                buf = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-            delta = consensus._delta(x, base, buf)
+                buf = torch.empty(x.shape, dtype=torch.bfloat16 if bf16 else torch.float32, device=x.device)
+            delta = _delta_into(x, base, buf)
+            cut = _bf16_cut if bf16 else float
             if self.sparsify == "magnitude":
                 k = consensus.keep_rank(x.numel(), d, "peft" if compat == "peft" else "mergekit")
                 lo[t] = math.inf if not k else ops.magnitude_threshold(delta, k)
-            elif self.sparsify == "random":
-                drop[t] = 1.0 - d
             elif self.sparsify == "outliers":
                 lo[t], hi[t] = _outlier_band(delta, d, p["gamma"])
-            else:  # della: per-row ranks, materialised (fp32) and then merged as a dense task vector
+            elif self.sparsify == "della":  # per-row ranks, materialised (fp32), merged as a dense task vector
                 pruned[t] = _della(delta, d, p["epsilon"], rescale, c.seed, c.key + t)
                 continue
             if rescale:
@@ -181,6 +188,7 @@ class GTA:
                 before, after = float(st[0]), float(st[1])
                 if before >= 1e-7 and after >= 1e-7:
                     scale[t] = before / after
+            lo[t], hi[t] = cut(lo[t]), cut(hi[t])
         elect = "sum" if self.consensus else "none"
         if self.consensus:
             merge = "wmean" if c.shared["normalize"] else "sum"
@@ -213,6 +221,24 @@ class GTA:
         return consensus.ties(c.base, c.experts, [p["density"] for p in prm], weights=[p["weight"] for p in prm],
                               lam=c.shared["lambda"], compat=compat, normalize=c.shared["normalize"],
                               zero_sign=zero_sign, out_dtype=c.out_dtype)
+
+
+def _delta_into(x: torch.Tensor, base: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """x - base computed in fp32 in one fused pass, rounded once into buf's dtype."""
+    return ops.ties_merge(None, [x, base], ops.ties_params(2, weights=[1.0, -1.0]), elect="none", merge="sum",
+                          out_dtype=buf.dtype, out=buf)[0]
+
+
+def _bf16_cut(v: float) -> float:
+    """The least fp32 magnitude whose bf16 rounding (nearest, ties to even) is >= v, for a bf16 value v >= 0:
+    |bf16(d)| >= v  <=>  |d| >= _bf16_cut(v). Lets the fused fp32 kernel cut exactly where a bf16 ranking did."""
+    if v <= 0.0 or math.isinf(v) or math.isnan(v):
+        return v
+    bits = int(torch.tensor([v], dtype=torch.float32).view(torch.int32))
+    mid = bits - 0x8000                      # halfway to the next bf16 value below
+    if (bits >> 16) & 1:                     # odd mantissa: the halfway point rounds down (to the even one)
+        mid += 1
+    return float(torch.tensor([mid], dtype=torch.int32).view(torch.float32))
 
 
 def _outlier_band(delta: torch.Tensor, density: float, gamma: float) -> tuple[float, float]:

@@ -71,15 +71,16 @@ class MagnitudeThreshold:
         self._rank = None
         self._low = None
         self._result = None
+        self._nan = 0
 
     def add(self, x: torch.Tensor, name: str | None = None) -> None:
         """Feed one tensor (any float dtype, any device: moved to this selector's device)."""
         x = x.detach().to(self.device)
         if self._bucket is None:
             self.all_bf16 &= x.dtype == torch.bfloat16
-            before = int(self.hist[_NAN_BIN:].sum())
             abs_histogram(x, self.hist)
-            if int(self.hist[_NAN_BIN:].sum()) != before:
+            nan = int(self.hist[_NAN_BIN:].cpu().numpy().sum())
+            if nan != self._nan:
                 raise ValueError(f"NaN in {name or 'tensor'} (shape {tuple(x.shape)}): cannot rank magnitudes")
             self.n += x.numel()
         elif self._low is not None:

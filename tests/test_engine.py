@@ -382,3 +382,14 @@ def test_cuda_merge_equals_cpu(fam, tmp_path, method):
             assert s.peak_gpu_bytes > 0
     for k, v in outs["cpu"].items():
         torch.testing.assert_close(outs["cuda"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_bf16_cut_matches_bf16_rounding():
+    from fastmerge.methods import _bf16_cut
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(200_000, generator=g) * 2.0 ** torch.randint(-20, 5, (200_000,), generator=g)).float()
+    x = torch.cat([x, x.bfloat16().float(), (x.bfloat16().float() + x) / 2])  # exact bf16 values and midpoints
+    xb = x.bfloat16().float()
+    for v in xb[torch.randint(0, x.numel(), (300,), generator=g)].tolist() + [0.0, float("inf")]:
+        torch.testing.assert_close(xb >= v, x >= _bf16_cut(v), msg=str(v))
