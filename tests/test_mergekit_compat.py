@@ -1,0 +1,631 @@
+"""Golden equality of the merge engine against mergekit 0.1.5 on small generated Llama-shaped checkpoints.
+
+Every config below is run once through mergekit (all of them in ONE subprocess, tests/_mergekit_runner.py,
+since importing mergekit costs ~10 s; one more through the real ``mergekit-yaml`` CLI) and through fastmerge
+(in-process ``fastmerge.merge``; one config through ``python -m fastmerge merge``). The mergekit processes
+start in the background when the module's first test runs, so the fastmerge-only tests overlap with them.
+
+Tolerances (see golden_configs): fp32 outputs must match to rtol 1e-6 / atol 1e-7; the only mismatches
+allowed are for magnitude-ranked methods (ties, breadcrumbs) at elements whose |delta| is exactly tied at a
+selection cut (mergekit's argsort breaks such ties arbitrarily). 16-bit outputs of fp32 maths: <= 1 ulp.
+``dtype: bfloat16`` task arithmetic: mergekit rounds every intermediate to bf16 and fastmerge rounds once, so
+<= 3 bf16 ulps against mergekit, and <= 1 ulp against mergekit's ``dtype: float32, out_dtype: bfloat16`` twin.
+DARE/DELLA draw their randomness differently (fastmerge: counter-based Philox), so those are checked
+statistically (fastmerge and mergekit both) and for determinism per seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from _models import make_llama_family
+from safetensors import safe_open
+
+HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
+MERGEKIT_YAML = next((p for p in (os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
+                                  shutil.which("mergekit-yaml")) if p and os.path.exists(p)), None)
+RUNNER = os.path.join(os.path.dirname(__file__), "_mergekit_runner.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(not HAVE_MERGEKIT, reason="mergekit is not installed (pip install mergekit)")
+
+RTOL, ATOL = 1e-6, 1e-7
+
+
+# ---- configs ----------------------------------------------------------------------------------------------
+def _m(path: str, **params) -> dict:
+    return {"model": path, "parameters": params} if params else {"model": path}
+
+
+def golden_configs(F: list[str], B: list[str]) -> dict[str, tuple[str, dict]]:
+    """name -> (tolerance, config). F: fp32 base + 3 experts (mixed shard layouts, 100-wide MLP so that
+    int(density * numel) hits float artefacts such as int(0.29 * 6400) == 1855); B: bf16 base + 2 experts.
+
+    tolerance: "fp32" (rtol 1e-6, atol 1e-7); "1ulp" (<= 1 ulp of the 16-bit output dtype, < 1 % of elements
+    differ at all); "3ulp" (<= 3 bf16 ulps): mergekit's task-arithmetic kernel with `dtype: bfloat16` rounds
+    every intermediate (each delta, each weighted delta, the sum, base + sum) to bf16, which for two experts adds
+    up to ~0.5*sum|w| + 2 ulps, where fastmerge rounds the exact result once (+0.5 ulp). ulps are taken at the
+    largest operand (inputs, deltas, merged delta, result): results near 0 come from cancellation.
+    Magnitude-ranked methods may also differ at elements whose |delta| is tied at a top-k cut."""
+    fb, f0, f1, f2 = F
+    bb, b0, b1 = B
+    attn_mlp_t = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]},
+                  {"value": 0.5}]
+    return {
+        "linear_normalize": ("fp32", {
+            "merge_method": "linear", "dtype": "float32",
+            "models": [_m(fb, weight=0.2), _m(f0, weight=1.0), _m(f1, weight=[0.5, 2.0]),
+                       _m(f2, weight=[{"filter": "mlp", "value": 0.1}, {"value": 0.7}])]}),
+        "linear_no_normalize": ("fp32", {
+            "merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False},
+            "models": [_m(f0, weight=0.3), _m(f1, weight=0.6), _m(f2, weight=-0.2)]}),
+        "task_arithmetic_lambda": ("fp32", {
+            "merge_method": "task_arithmetic", "base_model": fb, "dtype": "float32", "parameters": {"lambda": 0.8},
+            "models": [_m(f0, weight=0.7), _m(f1, weight=[0.2, 0.8]),
+                       _m(f2, weight=[{"filter": "self_attn", "value": [1.0, -0.5]}, {"value": 0.3}])]}),
+        "task_arithmetic_no_dtype": ("fp32", {  # no dtype key: maths in the inputs' dtype (fp32 here)
+            "merge_method": "task_arithmetic", "base_model": fb,
+            "parameters": {"normalize": True, "weight": 0.25},
+            "models": [_m(f0, weight=1.5), _m(f1), _m(f2, weight=0.5)]}),
+        "ties_d05": ("fp32", {
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=0.6, density=0.5), _m(f1, weight=0.4, density=0.5),
+                       _m(f2, weight=1.3, density=0.5)]}),
+        "ties_float_k": ("fp32", {  # k = int(density * numel) in doubles: int(0.29 * 6400) == 1855, not 1856
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=1.0, density=0.29), _m(f1, weight=1.0, density=0.57),
+                       _m(f2, weight=1.0, density=0.58)]}),
+        "ties_no_normalize_lambda": ("fp32", {
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "parameters": {"normalize": False, "lambda": 1.3},
+            "models": [_m(f0, weight=1.0, density=[0.2, 0.9]), _m(f1, weight=0.5, density=0.7),
+                       _m(f2, weight=0.8, density=[0.9, 0.5, 0.1])]}),
+        "ties_tiny_density": ("fp32", {  # density * numel < 1 on the 64-element norms: keeps 1 element
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=1.0, density=0.01), _m(f1, weight=1.0, density=0.001),
+                       _m(f2, weight=2.0, density=0.0001)]}),
+        "ties_filters": ("fp32", {
+            "merge_method": "ties", "base_model": fb, "dtype": "float32", "parameters": {"normalize": True},
+            "models": [
+                _m(f0, density=[{"filter": "mlp", "value": 0.3}, {"filter": "self_attn", "value": [0.1, 0.9]},
+                                {"value": 0.6}],
+                   weight=[{"filter": "embed", "value": 0.2}, {"value": 0.9}]),
+                _m(f1, density=[{"filter": "down_proj", "value": 0.05}, {"value": 0.5}], weight=0.5)]}),
+        "ties_global_params": ("fp32", {  # globals fill in; per-model values take precedence
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "parameters": {"density": 0.4, "weight": 0.5, "normalize": False, "lambda": 0.9},
+            "models": [_m(f0), _m(f1, density=0.8), _m(f2, weight=[0.1, 1.0])]}),
+        "ties_base_listed_int8_lambda_gradient": ("fp32", {  # base in models: (its weight is ignored)
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "parameters": {"int8_mask": True, "lambda": [0.5, 1.5]},
+            "models": [_m(fb, weight=3.0), _m(f0, weight=0.7, density=0.45), _m(f1, weight=0.3, density=0.8)]}),
+        "ties_negative_weight": ("fp32", {  # sum(weight * mask) == 0 where both agree: divisor 1
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=0.5, density=0.6), _m(f1, weight=-0.5, density=0.6),
+                       _m(f2, weight=1.0, density=0.3)]}),
+        "task_arithmetic_zero_sum": ("fp32", {  # normalize with sum(weight) == 0: divisor 1
+            "merge_method": "task_arithmetic", "base_model": fb, "dtype": "float32",
+            "parameters": {"normalize": True}, "models": [_m(f0, weight=0.5), _m(f1, weight=-0.5)]}),
+        "ties_rescale_zero_density": ("fp32", {  # L1 rescale of the magnitude-pruned deltas; density 0 drops one
+            "merge_method": "ties", "base_model": fb, "dtype": "float32", "parameters": {"rescale": True},
+            "models": [_m(f0, weight=1.0, density=0.3), _m(f1, weight=0.5, density=0.6),
+                       _m(f2, weight=0.5, density=0.0)]}),
+        "ties_single_expert": ("fp32", {
+            "merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=0.7, density=0.4)]}),
+        "dare_density1": ("fp32", {  # density 1: DARE keeps everything (deterministic)
+            "merge_method": "dare_ties", "base_model": fb, "dtype": "float32", "parameters": {"normalize": True},
+            "models": [_m(f0, weight=0.7, density=1.0), _m(f1, weight=0.5, density=1.0)]}),
+        "dare_linear_density1": ("fp32", {
+            "merge_method": "dare_linear", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=1.0, density=1.0), _m(f1, weight=-0.5, density=1.0)]}),
+        "task_arithmetic_filter_fallthrough": ("fp32", {  # no filter matches: the global value; "*" matches all
+            "merge_method": "task_arithmetic", "base_model": fb, "dtype": "float32", "parameters": {"weight": 0.7},
+            "models": [_m(f0, weight=[{"filter": "mlp", "value": 0.2}]),
+                       _m(f1, weight=[{"filter": "*", "value": 0.4}])]}),
+        "linear_bool_gradient": ("fp32", {  # a gradient of booleans picks values[int(t * (n - 1))]
+            "merge_method": "linear", "dtype": "float32", "parameters": {"normalize": [True, False]},
+            "models": [_m(f0, weight=0.3), _m(f1, weight=0.3)]}),
+        "breadcrumbs": ("fp32", {
+            "merge_method": "breadcrumbs", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=1.0, density=0.8, gamma=0.05), _m(f1, weight=0.7, density=0.6, gamma=0.0),
+                       _m(f2, weight=0.4, density=0.5)]}),  # default gamma 0.01
+        "breadcrumbs_gamma0": ("fp32", {
+            "merge_method": "breadcrumbs", "base_model": fb, "dtype": "float32",
+            "parameters": {"gamma": 0.0, "density": 0.5},
+            "models": [_m(f0, weight=0.5), _m(f1, weight=0.5)]}),
+        "breadcrumbs_ties_rescale_clamped": ("fp32", {  # density + gamma > 1; int(density * 64) == 0
+            "merge_method": "breadcrumbs_ties", "base_model": fb, "dtype": "float32", "parameters": {"rescale": True},
+            "models": [_m(f0, weight=1.0, density=0.95, gamma=0.1), _m(f1, weight=0.5, density=0.01, gamma=0.01)]}),
+        "breadcrumbs_ties": ("fp32", {
+            "merge_method": "breadcrumbs_ties", "base_model": fb, "dtype": "float32",
+            "parameters": {"normalize": True},
+            "models": [_m(f0, weight=1.0, density=0.7, gamma=0.02), _m(f1, weight=0.6, density=0.9),
+                       _m(f2, weight=0.8, density=0.2, gamma=0.1)]}),
+        "della_density1": ("fp32", {
+            "merge_method": "della", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=0.5, density=1.0, epsilon=0.1), _m(f1, weight=0.8, density=1.0),
+                       _m(f2, weight=0.3, density=1.0, epsilon=0.2)]}),
+        "della_linear_density1": ("fp32", {
+            "merge_method": "della_linear", "base_model": fb, "dtype": "float32", "parameters": {"lambda": 1.1},
+            "models": [_m(f0, weight=0.6, density=1.0, epsilon=0.2), _m(f1, weight=0.6, density=1.0)]}),
+        "slerp_filters": ("fp32", {
+            "merge_method": "slerp", "base_model": fb, "dtype": "float32", "parameters": {"t": attn_mlp_t},
+            "models": [_m(fb), _m(f0)]}),
+        "slerp_gradient": ("fp32", {  # base listed second; 4-point gradient over 3 layers
+            "merge_method": "slerp", "base_model": f1, "dtype": "float32", "parameters": {"t": [0, 0.3, 0.7, 1]},
+            "models": [_m(f2), _m(f1)]}),
+        "slerp_extrapolate": ("fp32", {
+            "merge_method": "slerp", "base_model": fb, "dtype": "float32", "parameters": {"t": 1.5},
+            "models": [_m(fb), _m(f2)]}),
+        "passthrough_scale": ("fp32", {
+            "merge_method": "passthrough", "dtype": "float32",
+            "models": [_m(f1, scale=[{"filter": "mlp", "value": 2.0}, {"filter": "embed", "value": 0.5},
+                                     {"value": 1.0}])]}),
+        "bf16_linear": ("1ulp", {  # mergekit's linear kernel works in fp32 and rounds once, like fastmerge
+            "merge_method": "linear", "dtype": "bfloat16",
+            "models": [_m(bb, weight=0.6), _m(b0, weight=0.3), _m(b1, weight=0.2)]}),
+        "bf16_task_arithmetic": ("3ulp", {  # weights exact in bf16 (mergekit rounds them to bf16)
+            "merge_method": "task_arithmetic", "base_model": bb, "dtype": "bfloat16",
+            "models": [_m(b0, weight=0.5), _m(b1, weight=[0.25, 0.75])]}),
+        "bf16_ties": ("3ulp", {  # the benchmark's setting: mergekit ranks and sums bf16-rounded task vectors
+            "merge_method": "ties", "base_model": bb, "dtype": "bfloat16",
+            "models": [_m(b0, weight=0.5, density=0.5), _m(b1, weight=0.5, density=0.5)]}),
+        "bf16_in_fp32_math": ("fp32", {  # bf16 checkpoints, fp32 maths: fp32 output
+            "merge_method": "linear", "dtype": "float32",
+            "models": [_m(bb, weight=1.0), _m(b0, weight=0.3), _m(b1, weight=0.2)]}),
+        "fp32_math_fp16_out": ("1ulp", {
+            "merge_method": "ties", "base_model": fb, "dtype": "float32", "out_dtype": "float16",
+            "models": [_m(f0, weight=0.5, density=0.5), _m(f1, weight=0.5, density=0.5)]}),
+        "bf16_in_fp32_math_bf16_out": ("1ulp", {  # fp32 maths rounded once to out_dtype, in both
+            "merge_method": "ties", "base_model": bb, "dtype": "float32", "out_dtype": "bfloat16",
+            "models": [_m(b0, weight=0.5, density=0.3), _m(b1, weight=0.5, density=0.6)]}),
+    }
+
+
+def twin_configs(golden: dict[str, tuple[str, dict]]) -> dict[str, tuple[str, str, dict]]:
+    """mergekit-only twins: twin name -> (fastmerge config it checks, tolerance, config). fastmerge does
+    `dtype: bfloat16` maths in fp32 and rounds once, which is what mergekit does for `dtype: float32,
+    out_dtype: bfloat16`: so fastmerge's bf16 output must match that twin to 1 ulp."""
+    cfg = dict(golden["bf16_task_arithmetic"][1], dtype="float32", out_dtype="bfloat16")
+    return {"bf16_task_arithmetic_fp32_twin": ("bf16_task_arithmetic", "1ulp", cfg)}
+
+
+# Run through the real mergekit-yaml CLI (and through the in-process engine).
+def cli_config(F: list[str]) -> dict:
+    fb, f0, f1, f2 = F
+    return {"merge_method": "ties", "base_model": fb, "dtype": "float32",
+            "parameters": {"normalize": False, "lambda": 0.7},
+            "models": [_m(f0, weight=[0.2, 1.0], density=[0.9, 0.1, 0.5]), _m(f1, weight=0.9, density=0.35),
+                       _m(f2, weight=-0.4, density=0.6)]}
+
+
+# Stochastic: checked statistically (fastmerge and mergekit both), determinism per seed (fastmerge).
+def stochastic_configs(F: list[str]) -> dict[str, dict]:
+    fb, f0, f1, _ = F
+    return {
+        "dare_linear_stats": {"merge_method": "dare_linear", "base_model": fb, "dtype": "float32",
+                              "models": [_m(f0, weight=1.0, density=0.3)]},
+        "della_linear_stats": {"merge_method": "della_linear", "base_model": fb, "dtype": "float32",
+                               "models": [_m(f0, weight=1.0, density=0.5, epsilon=0.2)]},
+        "dare_ties_stats": {"merge_method": "dare_ties", "base_model": fb, "dtype": "float32",
+                            "models": [_m(f0, weight=0.6, density=0.5), _m(f1, weight=0.4, density=0.7)]},
+    }
+
+
+# ---- the shared environment: models, configs, the background mergekit runs ----------------------------------
+class Env:
+    def __init__(self, root: str):
+        self.root = root
+        self.F = make_llama_family(os.path.join(root, "F"), hidden=64, layers=3, vocab=256, experts=3, inter=100,
+                                   dtype=torch.float32, shard_bytes=[None, 200_000, None, 300_000])
+        self.B = make_llama_family(os.path.join(root, "B"), hidden=64, layers=3, vocab=256, experts=2,
+                                   dtype=torch.bfloat16, seed=1)
+        self.golden = golden_configs(self.F, self.B)
+        self.twins = twin_configs(self.golden)
+        self.stochastic = stochastic_configs(self.F)
+        configs = {**{n: c for n, (_, c) in self.golden.items()}, **{n: c for n, (_, _, c) in self.twins.items()},
+                   **self.stochastic, "cli": cli_config(self.F)}
+        self.cfg: dict[str, str] = {}
+        self.cfg_dict: dict[str, dict] = configs
+        os.makedirs(os.path.join(root, "cfg"))
+        for name, cfg in configs.items():
+            self.cfg[name] = os.path.join(root, "cfg", name + ".yml")
+            with open(self.cfg[name], "w") as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
+        self.mk_dir = os.path.join(root, "mk")
+        self.fm_dir = os.path.join(root, "fm")
+        jobs = [[self.cfg[n], os.path.join(self.mk_dir, n)] for n in configs if n != "cli"]
+        jobs_path = os.path.join(root, "mk_jobs.json")
+        with open(jobs_path, "w") as f:
+            json.dump(jobs, f)
+        self.mk_results = os.path.join(root, "mk_results.json")
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        self._logs = {k: open(os.path.join(root, f"{k}.log"), "w") for k in ("runner", "cli")}
+        self.procs = {"runner": subprocess.Popen([sys.executable, RUNNER, jobs_path, self.mk_results], env=env,
+                                                 stdout=self._logs["runner"], stderr=subprocess.STDOUT)}
+        if MERGEKIT_YAML:
+            self.procs["cli"] = subprocess.Popen([MERGEKIT_YAML, self.cfg["cli"], os.path.join(self.mk_dir, "cli"),
+                                                  "--no-copy-tokenizer", "--random-seed", "0", "--quiet"], env=env,
+                                                 stdout=self._logs["cli"], stderr=subprocess.STDOUT)
+        self._records: dict[str, dict] | None = None
+        self._inputs: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _wait(self, key: str, timeout: float = 300) -> None:
+        p = self.procs[key]
+        p.wait(timeout=timeout)
+        self._logs[key].flush()
+        if p.returncode != 0:
+            with open(self._logs[key].name) as f:
+                log = f.read()[-4000:]
+            pytest.fail(f"mergekit {key} exited with {p.returncode}:\n{log}")
+
+    def mergekit(self, name: str) -> str:
+        """Output dir of mergekit for config ``name`` (waits for the background run)."""
+        if name == "cli":
+            if "cli" not in self.procs:
+                pytest.skip("the mergekit-yaml script is not installed")
+            self._wait("cli")
+            return os.path.join(self.mk_dir, "cli")
+        if self._records is None:
+            self._wait("runner")
+            with open(self.mk_results) as f:
+                self._records = {os.path.basename(r["out"]): r for r in json.load(f)["jobs"]}
+        rec = self._records[name]
+        if not rec["ok"]:
+            pytest.fail(f"mergekit failed on {name}:\n{rec['error']}")
+        return rec["out"]
+
+    def fastmerge(self, name: str, seed: int = 0, tag: str = "") -> str:
+        import fastmerge
+
+        out = os.path.join(self.fm_dir, f"{name}{tag}-s{seed}")
+        if not os.path.exists(out):
+            fastmerge.merge(self.cfg[name], out, seed=seed, quiet=True)
+        return out
+
+    def inputs(self, name: str) -> list[dict[str, torch.Tensor]]:
+        """Tensors of config ``name``'s base model (if any) followed by its other models."""
+        cfg = self.cfg_dict[name]
+        base = cfg.get("base_model")
+        paths = [*([base] if base else []), *(m["model"] for m in cfg["models"] if m["model"] != base)]
+        for p in paths:
+            if p not in self._inputs:
+                self._inputs[p] = load_dir(p)
+        return [self._inputs[p] for p in paths]
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in self._logs.values():
+            f.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = Env(str(tmp_path_factory.mktemp("mergekit_compat")))
+    yield e
+    e.close()
+
+
+# ---- comparison helpers -------------------------------------------------------------------------------------
+def load_dir(d: str) -> dict[str, torch.Tensor]:
+    """All tensors of an HF output dir; checks the shard index (if any) against the shards' contents."""
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    assert files, f"no .safetensors in {d}: {os.listdir(d)}"
+    out: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for fname in files:
+        with safe_open(os.path.join(d, fname), "pt") as s:
+            for k in s.keys():  # safe_open is not a Mapping
+                assert k not in out, f"{k} in both {where[k]} and {fname}"
+                out[k], where[k] = s.get_tensor(k), fname
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if len(files) > 1 or os.path.exists(idx):
+        with open(idx) as f:
+            wm = json.load(f)["weight_map"]
+        assert wm == where, f"{d}: index.json weight_map disagrees with the shards"
+    return out
+
+
+RANKED = {"ties": "top", "breadcrumbs": "band", "breadcrumbs_ties": "band"}
+
+
+def _scalar_param(cfg: dict, model: dict, key: str, default: float) -> float | None:
+    """A per-model parameter when the config gives it as a plain number (model, then global, then default)."""
+    for scope in ((model.get("parameters") or {}), (cfg.get("parameters") or {})):
+        if key in scope:
+            v = scope[key]
+            return float(v) if isinstance(v, (int, float)) else None
+    return default
+
+
+def _tie_explained(env: Env, name: str, tensor: str, idx: torch.Tensor) -> torch.Tensor:
+    """For flat indices ``idx`` of output ``tensor`` of config ``name``: could the difference come from how
+    mergekit's argsort breaks an exact |delta| tie at a selection cut (deltas in the config's dtype, as mergekit
+    ranks them; fastmerge ranks the same rounded values)?
+
+    With plain-number density/gamma the cuts are known (ties: k = max(1, int(density * n)) largest;
+    breadcrumbs: the band between the int(gamma * n) largest and the n - int(density * n) - that smallest):
+    explained iff, for some expert, |delta| there equals the value on both sides of a cut. Otherwise (density
+    given as a gradient or filter): explained iff that |delta| occurs twice in the tensor (rare in fp32)."""
+    cfg = env.cfg_dict[name]
+    kind = RANKED[cfg["merge_method"]]
+    models = [m for m in cfg["models"] if m["model"] != cfg["base_model"]]
+    inputs = env.inputs(name)
+    rank_dtype = torch.bfloat16 if cfg.get("dtype") == "bfloat16" else torch.float32
+    base = inputs[0][tensor].to(rank_dtype).reshape(-1)
+    n = base.numel()
+    explained = torch.zeros(idx.numel(), dtype=torch.bool)
+    for model, ex in zip(models, inputs[1:], strict=True):
+        mag = (ex[tensor].to(rank_dtype).reshape(-1) - base).abs().float()
+        density = _scalar_param(cfg, model, "density", 1.0)
+        gamma = _scalar_param(cfg, model, "gamma", 0.01)
+        if density is None or gamma is None:
+            vals, counts = torch.unique(mag, return_counts=True)
+            explained |= torch.isin(mag[idx], vals[counts > 1])
+            continue
+        if density >= 1:
+            continue
+        if kind == "top":
+            cuts = [max(1, int(density * n))]
+        else:
+            n_bot = max(0, n - int(density * n) - int(gamma * n))
+            cuts = [n - n_bot - int(density * n), n - n_bot]  # in descending order of |delta|
+        s = mag.sort(descending=True).values
+        tied = [s[j] for j in cuts if 0 < j < n and s[j - 1] == s[j]]
+        if tied:
+            explained |= torch.isin(mag[idx], torch.stack(tied))
+    if rank_dtype == torch.bfloat16 and cfg["merge_method"] == "ties":
+        explained |= _bf16_vote_flips(cfg, models, inputs, tensor)[idx]
+    return explained
+
+
+def _bf16_vote_flips(cfg: dict, models: list[dict], inputs: list[dict], tensor: str) -> torch.Tensor:
+    """Elements whose TIES sign vote differs between mergekit's bf16 sum of bf16-rounded weighted deltas and
+    fastmerge's fp32 sum of the exact ones (near-cancelling experts): the elected sign, and so the merged value,
+    is then decided by bf16 rounding. Same kept elements in both (the bf16 top-k cut)."""
+    base = inputs[0][tensor].reshape(-1)
+    votes16, votes32 = [], []
+    for model, ex in zip(models, inputs[1:], strict=True):
+        d16 = ex[tensor].reshape(-1) - base
+        d32 = ex[tensor].reshape(-1).float() - base.float()
+        density, w = _scalar_param(cfg, model, "density", 1.0), _scalar_param(cfg, model, "weight", 1.0)
+        k = max(1, int(density * d16.numel()))
+        keep = d16.abs() >= d16.abs().float().sort(descending=True).values[k - 1]
+        votes16.append(d16 * torch.tensor(w, dtype=torch.bfloat16) * keep)
+        votes32.append(d32 * w * keep)
+    return torch.stack(votes16).sum(0).sign() != torch.stack(votes32).sum(0).sign()
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One ulp of ``dtype`` at the magnitude of ``x`` (fp32), floored at the smallest normal's ulp."""
+    fi = torch.finfo(dtype)
+    return fi.eps * torch.exp2(torch.floor(torch.log2(x.float().abs().clamp_min(fi.tiny))))
+
+
+def compare_dirs(mk_dir: str, fm_dir: str, tol: str, env: Env, name: str) -> dict:
+    """Every tensor: same names, shapes, dtypes; values within ``tol`` (see golden_configs) of config ``name``."""
+    mk, fm = load_dir(mk_dir), load_dir(fm_dir)
+    assert sorted(fm) == sorted(mk), (f"tensor names differ: only mergekit {sorted(set(mk) - set(fm))}, "
+                                      f"only fastmerge {sorted(set(fm) - set(mk))}")
+    ranked = env.cfg_dict[name]["merge_method"] in RANKED
+    st = {"tensors": len(mk), "elements": 0, "differ": 0, "beyond_tol": 0, "tie_explained": 0, "max_ulps": 0.0}
+    problems = []
+    for k in sorted(mk):
+        a, b = mk[k], fm[k]
+        assert b.shape == a.shape, f"{k}: shape {tuple(b.shape)} != mergekit {tuple(a.shape)}"
+        assert b.dtype == a.dtype, f"{k}: dtype {b.dtype} != mergekit {a.dtype}"
+        a32, b32 = a.float(), b.float()
+        assert torch.isfinite(b32).all(), f"{k}: non-finite values in fastmerge output"
+        st["elements"] += a.numel()
+        diff = (b32 - a32).abs()
+        st["differ"] += int((diff > 0).sum())
+        if tol == "fp32":
+            bad = diff > ATOL + RTOL * a32.abs()
+        else:  # in ulps of the largest operand (inputs, deltas, result): results near 0 come from cancellation
+            xs = [x[k].float() for x in env.inputs(name)]
+            deltas = [x - xs[0] for x in xs[1:]] if env.cfg_dict[name].get("base_model") else []
+            mixed = [a32 - xs[0]] if deltas else []
+            mag = torch.stack([a32.abs(), b32.abs(), *(x.abs() for x in xs + deltas + mixed)]).amax(0)
+            ulps = diff / ulp(mag, a.dtype)
+            bad = ulps > {"1ulp": 1.001, "3ulp": 3.001}[tol]
+        if not bad.any():
+            if tol != "fp32":
+                st["max_ulps"] = max(st["max_ulps"], float(ulps.max()))
+            continue
+        idx = bad.reshape(-1).nonzero().squeeze(1)
+        if ranked:
+            tied = _tie_explained(env, name, k, idx)
+            st["tie_explained"] += int(tied.sum())
+            idx = idx[~tied]
+            if not idx.numel():
+                continue
+        st["beyond_tol"] += idx.numel()
+        i = int(idx[0])
+        problems.append(f"{k} {tuple(a.shape)}: {idx.numel()}/{a.numel()} elements beyond tolerance (max |diff| "
+                        f"{float(diff.reshape(-1)[idx].max()):.3g}); first at flat index {i}: fastmerge "
+                        f"{float(b32.reshape(-1)[i])!r}, mergekit {float(a32.reshape(-1)[i])!r}")
+    if problems:
+        pytest.fail(f"{len(problems)} tensors differ from mergekit ({st}):\n" + "\n".join(problems[:20]))
+    if tol == "1ulp":
+        assert st["differ"] <= 0.01 * st["elements"], f"too many elements differ by 1 ulp: {st}"
+    return st
+
+
+def check_output_dir(out: str, base: str) -> None:
+    """An HF dir with config.json (from the base) and weights."""
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(base, "config.json")) as f:
+        bcfg = json.load(f)
+    for key in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        assert cfg.get(key) == bcfg[key], f"config.json: {key} {cfg.get(key)} != {bcfg[key]}"
+
+
+# ---- fastmerge-only tests first: they overlap with the background mergekit runs -------------------------------
+def _diff_count(d1: str, d2: str) -> int:
+    x, y = load_dir(d1), load_dir(d2)
+    assert sorted(x) == sorted(y)
+    return sum(int((x[k] != y[k]).sum()) for k in x)
+
+
+@pytest.mark.parametrize("name", ["dare_linear_stats", "dare_ties_stats", "della_linear_stats"])
+def test_stochastic_deterministic_per_seed(env, name):
+    """Same seed: bit-identical output across runs; another seed: a different draw."""
+    a = env.fastmerge(name, seed=0)
+    b = env.fastmerge(name, seed=0, tag="-again")
+    c = env.fastmerge(name, seed=1)
+    assert _diff_count(a, b) == 0, "same seed, different output"
+    assert _diff_count(a, c) > 0, "different seeds, identical output"
+
+
+def test_fastmerge_cli_seed_and_shards(env):
+    """`python -m fastmerge merge ... --seed 1 --out-shard-size 200K`: same tensors as the in-process run with
+    seed=1, different from seed 0, written as shards with an index."""
+    out = os.path.join(env.fm_dir, "cli-dare-seed1")
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", env.cfg["dare_linear_stats"], out, "--seed", "1",
+                        "--out-shard-size", "200K", "--device", "cpu", "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shards = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    assert len(shards) > 1 and os.path.exists(os.path.join(out, "model.safetensors.index.json")), os.listdir(out)
+    check_output_dir(out, env.F[0])
+    assert _diff_count(out, env.fastmerge("dare_linear_stats", seed=1)) == 0
+    assert _diff_count(out, env.fastmerge("dare_linear_stats", seed=0)) > 0
+
+
+def _delta_stats(out: str, inputs: list[dict[str, torch.Tensor]]) -> dict[str, dict]:
+    """Per tensor, for a merge of base + ONE expert at weight 1 (so out - base is the rescaled kept delta)."""
+    merged = load_dir(out)
+    res = {}
+    for k, m in merged.items():
+        base, delta = inputs[0][k].float(), inputs[1][k].float() - inputs[0][k].float()
+        d = m.float() - base
+        kept = d != 0
+        l1_in, l1_kept = float(delta.abs().sum()), float(delta[kept].abs().sum())
+        scale = l1_in / l1_kept if l1_kept else 0.0
+        # out - base == scale * delta on kept elements, up to the rounding of out (a few fp32 ulps of the operands)
+        ref = torch.maximum(m.float().abs(), base.abs())[kept] * 2.0**-23 + 1e-30
+        err = (d[kept] - scale * delta[kept]).abs() / ref
+        res[k] = {"n": d.numel(), "kept": int(kept.sum()), "l1_in": l1_in, "l1_out": float(d.abs().sum()),
+                  "scale_err_ulps": float(err.max()) if kept.any() else 0.0, "delta": delta, "d": d}
+    return res
+
+
+def _check_dare_like(stats: dict[str, dict], density: float, who: str) -> None:
+    n_all = sum(s["n"] for s in stats.values())
+    kept_all = sum(s["kept"] for s in stats.values())
+    sigma_all = math.sqrt(density * (1 - density) / n_all)
+    assert abs(kept_all / n_all - density) < 4 * sigma_all, f"{who}: kept {kept_all / n_all:.4f} vs {density}"
+    for k, s in stats.items():
+        sigma = math.sqrt(density * (1 - density) / s["n"])
+        assert abs(s["kept"] / s["n"] - density) < 5 * sigma, f"{who} {k}: kept {s['kept']}/{s['n']}"
+        # L1 rescale (mergekit's RescaleNorm.l1): sum |kept delta| * scale == sum |delta|
+        assert s["l1_out"] == pytest.approx(s["l1_in"], rel=2e-5), f"{who} {k}: L1 not preserved"
+        assert s["scale_err_ulps"] <= 16, f"{who} {k}: kept deltas not all scaled by sum|delta| / sum|kept delta|"
+
+
+def test_dare_linear_statistics(env):
+    """dare_linear, one expert, density 0.3: keep fraction within a few sigma of 0.3, kept deltas scaled by one
+    factor per tensor that restores the L1 norm. mergekit's own output passes the same checks."""
+    inputs = env.inputs("dare_linear_stats")
+    fm = _delta_stats(env.fastmerge("dare_linear_stats"), inputs)
+    _check_dare_like(fm, 0.3, "fastmerge")
+    # independent draws per tensor: two same-shaped tensors keep the same element with probability 0.3^2
+    masks = [s["d"] != 0 for k, s in sorted(fm.items()) if k.endswith("_proj.weight") and "self_attn" in k]
+    assert len(masks) >= 6
+    n = masks[0].numel()
+    sig = math.sqrt(0.09 * 0.91 / n)
+    for a, b in zip(masks, masks[1:], strict=False):
+        assert abs(float((a & b).float().mean()) - 0.09) < 5 * sig, "masks of different tensors are correlated"
+    mk = _delta_stats(env.mergekit("dare_linear_stats"), inputs)
+    _check_dare_like(mk, 0.3, "mergekit")
+
+
+def test_della_linear_statistics(env):
+    """della_linear, density 0.5, epsilon 0.2: keep probability rises linearly with the rank of |delta| within
+    each row from 0.3 to 0.7 (overall 0.5): bottom half of each row ~0.4, top half ~0.6. L1 rescaled."""
+    inputs = env.inputs("della_linear_stats")
+    for who, out in [("fastmerge", env.fastmerge("della_linear_stats")),
+                     ("mergekit", env.mergekit("della_linear_stats"))]:
+        st = _delta_stats(out, inputs)
+        _check_dare_like(st, 0.5, who)
+        top = bot = n_half = 0
+        for s in st.values():
+            delta, d = s["delta"], s["d"]
+            rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+            kept = (d != 0).reshape(rows.shape)
+            order = rows.abs().argsort(dim=1)
+            h = rows.shape[1] // 2
+            kept_sorted = kept.gather(1, order)
+            bot += int(kept_sorted[:, :h].sum())
+            top += int(kept_sorted[:, -h:].sum())
+            n_half += rows.shape[0] * h
+        sig = math.sqrt(0.25 / n_half)
+        assert abs(bot / n_half - 0.4) < 5 * sig and abs(top / n_half - 0.6) < 5 * sig, \
+            f"{who}: keep fraction bottom half {bot / n_half:.4f} (want 0.4), top half {top / n_half:.4f} (0.6)"
+
+
+def test_dare_ties_statistics(env):
+    """dare_ties, densities 0.5 and 0.7: an element changes iff some expert keeps it (the sign election never
+    drops every kept delta): P = 1 - 0.5*0.3 = 0.85. mergekit and fastmerge agree on that and on the L1 mass."""
+    inputs = env.inputs("dare_ties_stats")
+    res = {}
+    for who, out in [("fastmerge", env.fastmerge("dare_ties_stats")), ("mergekit", env.mergekit("dare_ties_stats"))]:
+        merged = load_dir(out)
+        n = sum(t.numel() for t in merged.values())
+        changed = sum(int((merged[k].float() != inputs[0][k].float()).sum()) for k in merged)
+        l1 = sum(float((merged[k].float() - inputs[0][k].float()).abs().sum()) for k in merged)
+        p = 1 - 0.5 * 0.3
+        assert abs(changed / n - p) < 4 * math.sqrt(p * (1 - p) / n), f"{who}: changed {changed / n:.4f}, want {p}"
+        res[who] = l1
+    assert res["fastmerge"] == pytest.approx(res["mergekit"], rel=0.01), res
+
+
+# ---- golden equality ---------------------------------------------------------------------------------------
+GOLDEN = list(golden_configs(["b", "0", "1", "2"], ["b", "0", "1"]))
+TWINS = list(twin_configs(golden_configs(["b", "0", "1", "2"], ["b", "0", "1"])))
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_vs_mergekit(env, name):
+    tol, cfg = env.golden[name]
+    fm = env.fastmerge(name)
+    check_output_dir(fm, cfg.get("base_model") or cfg["models"][0]["model"])
+    compare_dirs(env.mergekit(name), fm, tol, env, name)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_bf16_maths_is_fp32_rounded_once(env, twin):
+    """fastmerge's `dtype: bfloat16` result == mergekit's `dtype: float32, out_dtype: bfloat16` (to 1 ulp)."""
+    name, tol, _ = env.twins[twin]
+    compare_dirs(env.mergekit(twin), env.fastmerge(name), tol, env, name)
+
+
+def test_golden_vs_mergekit_yaml_cli(env):
+    """The config the real mergekit-yaml CLI ran, against the in-process engine."""
+    compare_dirs(env.mergekit("cli"), env.fastmerge("cli"), "fp32", env, "cli")
+
+
+def test_fastmerge_cli_vs_mergekit(env, tmp_path):
+    """`python -m fastmerge merge` on a golden config, sharded output, against mergekit."""
+    out = str(tmp_path / "out")
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", env.cfg["task_arithmetic_lambda"], out,
+                        "--out-shard-size", "300K", "--quiet"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json")), os.listdir(out)
+    check_output_dir(out, env.F[0])
+    compare_dirs(env.mergekit("task_arithmetic_lambda"), out, "fp32", env, "task_arithmetic_lambda")
