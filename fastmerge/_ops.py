@@ -36,39 +36,49 @@ SCHEMAS = {
 # checks (shared by the real and the fake kernels); messages name the argument
 
 
+def _check(cond, message) -> None:
+    """torch._check for plain bools without its first-call import of the symbolic-shapes machinery (sympy,
+    ~0.4 s); symbolic conditions (fake tensors under torch.compile) still go to torch._check."""
+    if cond is True:
+        return
+    if cond is False:
+        raise RuntimeError(message())
+    torch._check(cond, message)
+
+
 def _float(name: str, t: torch.Tensor) -> None:
-    torch._check(t.dtype in _FLOAT, lambda: f"{name} must be a floating tensor, got {t.dtype}")
+    _check(t.dtype in _FLOAT, lambda: f"{name} must be a floating tensor, got {t.dtype}")
 
 
 def _buffer(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple, device: torch.device) -> None:
-    torch._check(
+    _check(
         t.dtype == dtype and tuple(t.shape) == tuple(shape),
         lambda: f"{name} must be {dtype} of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}",
     )
-    torch._check(t.device == device, lambda: f"{name} is on {t.device}, inputs are on {device}")
+    _check(t.device == device, lambda: f"{name} is on {t.device}, inputs are on {device}")
 
 
 def _same(name: str, t: torch.Tensor, like: torch.Tensor, what: str = "experts[0]") -> None:
-    torch._check(
+    _check(
         tuple(t.shape) == tuple(like.shape),
         lambda: f"{name} has shape {tuple(t.shape)}, {what} has {tuple(like.shape)}",
     )
-    torch._check(t.device == like.device, lambda: f"{name} is on {t.device}, {what} is on {like.device}")
+    _check(t.device == like.device, lambda: f"{name} is on {t.device}, {what} is on {like.device}")
 
 
 def _experts(base, experts, table: torch.Tensor | None = None, table_name: str = "", cols: int = 0):
-    torch._check(len(experts) > 0, lambda: "experts must hold at least one tensor, got an empty list")
+    _check(len(experts) > 0, lambda: "experts must hold at least one tensor, got an empty list")
     e0 = experts[0]
     for i, e in enumerate(experts):
         _float(f"experts[{i}]", e)
         _same(f"experts[{i}]", e, e0)
-        torch._check(e.dtype == e0.dtype, lambda i=i, e=e: f"experts[{i}] is {e.dtype}, experts[0] is {e0.dtype}")
+        _check(e.dtype == e0.dtype, lambda i=i, e=e: f"experts[{i}] is {e.dtype}, experts[0] is {e0.dtype}")
     if base is not None:
         _same("base", base, e0)
-        torch._check(base.dtype == e0.dtype, lambda: f"base is {base.dtype}, experts are {e0.dtype}")
+        _check(base.dtype == e0.dtype, lambda: f"base is {base.dtype}, experts are {e0.dtype}")
     if table is not None:
         shape = (len(experts), cols) if cols else (len(experts),)
-        torch._check(
+        _check(
             tuple(table.shape) == shape and table.dtype == torch.float32,
             lambda: f"{table_name} must be float32 of shape {shape}, got {table.dtype} {tuple(table.shape)}",
         )
@@ -79,13 +89,13 @@ def check(op: str, *a) -> None:
         x, hist, level, prefix = a
         _float("x", x)
         _buffer("hist", hist, torch.int64, (1 << 16,), x.device)
-        torch._check(level in (0, 1), lambda: f"level must be 0 or 1, got {level}")
-        torch._check(0 <= prefix < (1 << 15), lambda: f"prefix must be in [0, 32768), got {prefix}")
+        _check(level in (0, 1), lambda: f"level must be 0 or 1, got {level}")
+        _check(0 <= prefix < (1 << 15), lambda: f"prefix must be in [0, 32768), got {prefix}")
     elif op == "row_kth_largest_abs":
         x, k, out = a
         _float("x", x)
-        torch._check(x.dim() == 2, lambda: f"x must be 2-D (rows, cols), got shape {tuple(x.shape)}")
-        torch._check(0 <= k <= x.shape[1], lambda: f"k must be in [0, {x.shape[1]}], got {k}")
+        _check(x.dim() == 2, lambda: f"x must be 2-D (rows, cols), got shape {tuple(x.shape)}")
+        _check(0 <= k <= x.shape[1], lambda: f"k must be in [0, {x.shape[1]}], got {k}")
         _buffer("out", out, torch.float32, (x.shape[0],), x.device)
     elif op == "prune":
         x, lo, hi, out, stats, p, *_ = a
@@ -93,18 +103,18 @@ def check(op: str, *a) -> None:
         _float("out", out)
         _same("out", out, x, "x")
         for n, t in (("lo", lo), ("hi", hi)):
-            torch._check(t.dtype == torch.float32 and t.dim() == 1, lambda n=n: f"{n} must be 1-D float32")
-        torch._check(lo.numel() == hi.numel(), lambda: f"lo has {lo.numel()} entries, hi has {hi.numel()}")
+            _check(t.dtype == torch.float32 and t.dim() == 1, lambda n=n: f"{n} must be 1-D float32")
+        _check(lo.numel() == hi.numel(), lambda: f"lo has {lo.numel()} entries, hi has {hi.numel()}")
         r = lo.numel()
-        torch._check(r >= 1 and x.numel() % r == 0, lambda: f"lo/hi ({r} rows) must divide x.numel()={x.numel()}")
+        _check(r >= 1 and x.numel() % r == 0, lambda: f"lo/hi ({r} rows) must divide x.numel()={x.numel()}")
         _buffer("stats", stats, torch.float64, (2,), x.device)
-        torch._check(0.0 <= p <= 1.0, lambda: f"p (drop probability) must be in [0, 1], got {p}")
-        torch._check(a[-2] >= 0, lambda: f"offset must be >= 0, got {a[-2]}")
+        _check(0.0 <= p <= 1.0, lambda: f"p (drop probability) must be in [0, 1], got {p}")
+        _check(a[-2] >= 0, lambda: f"offset must be >= 0, got {a[-2]}")
     elif op == "della_prune":
         x, out, density, epsilon, *_ = a
         _float("x", x)
         _same("out", out, x, "x")
-        torch._check(0.0 <= epsilon < density and density + epsilon <= 1.0,
+        _check(0.0 <= epsilon < density and density + epsilon <= 1.0,
                      lambda: f"need 0 <= epsilon < density and density + epsilon <= 1 (keep probabilities in (0, 1]),"
                      f" got density={density} epsilon={epsilon}")
     elif op == "ties_merge":
@@ -114,9 +124,9 @@ def check(op: str, *a) -> None:
             _float("out", out)
             _same("out", out, experts[0])
         _buffer("counts", counts, torch.int64, (2,), experts[0].device)
-        torch._check(elect in (0, 1, 2), lambda: f"elect code must be 0, 1 or 2, got {elect}")
-        torch._check(merge in (0, 1, 2, 3), lambda: f"merge code must be 0..3, got {merge}")
-        torch._check(offset >= 0, lambda: f"offset must be >= 0, got {offset}")
+        _check(elect in (0, 1, 2), lambda: f"elect code must be 0, 1 or 2, got {elect}")
+        _check(merge in (0, 1, 2, 3), lambda: f"merge code must be 0..3, got {merge}")
+        _check(offset >= 0, lambda: f"offset must be >= 0, got {offset}")
     elif op in ("tall_masks", "consensus_merge"):
         base, experts, lambdas, mtl = a[:4]
         _experts(base, experts, lambdas, "lambdas")

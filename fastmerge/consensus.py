@@ -52,14 +52,18 @@ def keep_rank(n: int, density: float, compat: str) -> int | None:
 
 
 def _delta(x: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 task vector x - base in one fused pass (the fp32 sum x + (-1)*base is exactly x - base).
+    """Task vector x - base, computed in fp32 and rounded once into ``out``'s dtype (fp32 when out is None).
 
-    ``out``: an fp32 buffer of x's shape to reuse (saves the page faults of a fresh allocation per task).
+    ``out``: a buffer of x's shape to reuse (saves the page faults of a fresh allocation per task). When all
+    three share a dtype this is torch.sub, which computes 16-bit operands in fp32 and rounds once too: the same
+    values, about twice as fast as the general fused kernel.
     """
     if base is None:
         return x.float() if out is None else out.copy_(x)
+    if out is not None and x.dtype == base.dtype == out.dtype and x.device == base.device == out.device:
+        return torch.sub(x, base, out=out)
     return ops.ties_merge(None, [x, base], ops.ties_params(2, weights=[1.0, -1.0]), elect="none", merge="sum",
-                          out_dtype=torch.float32, out=out)[0]
+                          out_dtype=torch.float32 if out is None else out.dtype, out=out)[0]
 
 
 def magnitude_threshold_for(x: torch.Tensor, density: float, compat: str = "official") -> float:
@@ -169,7 +173,7 @@ def ties(
     dens = list(density) if isinstance(density, (list, tuple)) else [density] * len(experts)
     if len(dens) != len(experts):
         raise ValueError(f"density has {len(dens)} values for {len(experts)} experts")
-    buf = torch.empty(experts[0].shape, dtype=torch.float32, device=experts[0].device)
+    buf = ops.empty(experts[0].shape, torch.float32, experts[0].device)
     lo = [magnitude_threshold_for(_delta(e, base, buf), d, compat) for e, d in zip(experts, dens, strict=True)]
     el, mg, weighted = _preset(compat, merge, elect, normalize)
     params = ops.ties_params(len(experts), weights=weights, lo=lo)

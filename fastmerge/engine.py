@@ -26,6 +26,7 @@ import shutil
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 from . import consensus, methods, ops, store
 from .config import ConfigError, MergeConfig, layer_t
 from .config import load as load_config
-from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, parse_size
+from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, _itemsize, parse_size
 
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -68,7 +69,7 @@ class Job:
 
     @property
     def out_bytes(self) -> int:
-        return self.numel * torch.empty(0, dtype=self.out_dtype).element_size()
+        return self.numel * _itemsize(self.out_dtype)
 
 
 @dataclass
@@ -136,28 +137,69 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 
 class _Pool:
-    """Host buffers for reads, reused by size: no page faults on every tensor read (and pinned once on CUDA).
-    It keeps at most ``cap`` bytes of idle buffers."""
+    """Host buffers lent out for reads, outputs and scratch, and reused by size once given back: a fresh buffer
+    costs a first-touch page fault per 4 KiB, which on a small VM is as slow as the merge maths itself (and
+    on CUDA, pinning each buffer once instead of per tensor). Idle buffers are dropped least recently used
+    first while lent + idle bytes exceed ``cap``; lending itself is never refused (the budget bounds it)."""
+
+    SMALL = 64 << 10  # smaller tensors come from malloc's heap, where reuse is free anyway
 
     def __init__(self, cap: int, pin: bool):
-        self.cap, self.pin, self.size = cap, pin, 0
-        self.free: dict[int, list[torch.Tensor]] = {}
+        self.cap, self.pin = cap, pin
+        self.idle: OrderedDict[int, torch.Tensor] = OrderedDict()  # data_ptr -> buffer, oldest first
+        self.by_size: dict[int, list[int]] = {}
+        self.lent: dict[int, torch.Tensor] = {}
+        self.idle_bytes = self.lent_bytes = 0
         self.lock = threading.Lock()
 
     def get(self, n: int) -> torch.Tensor:
+        """A uint8 buffer of n bytes, lent until :meth:`release`."""
         with self.lock:
-            lst = self.free.get(n)
-            if lst:
-                self.size -= n
-                return lst.pop()
-        return torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+            ptrs = self.by_size.get(n)
+            if ptrs:
+                buf = self.idle.pop(ptrs.pop())
+                self.idle_bytes -= n
+            else:
+                buf = None
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+        with self.lock:
+            self.lent[buf.data_ptr()] = buf
+            self.lent_bytes += n
+            self._trim()
+        return buf
 
-    def put(self, buf: torch.Tensor) -> None:
-        n = buf.numel()
+    def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * _itemsize(dtype)
+        if n < self.SMALL and not self.pin:
+            return torch.empty(shape, dtype=dtype)
+        return self.get(n).view(dtype).view(shape)
+
+    def release(self, t: torch.Tensor) -> None:
+        """Give back the buffer under ``t`` (a no-op for tensors the pool did not lend)."""
+        ptr = t.untyped_storage().data_ptr()
         with self.lock:
-            if self.size + n <= self.cap:
-                self.free.setdefault(n, []).append(buf)
-                self.size += n
+            buf = self.lent.pop(ptr, None)
+            if buf is None:
+                return
+            n = buf.numel()
+            self.lent_bytes -= n
+            self.idle[ptr] = buf
+            self.by_size.setdefault(n, []).append(ptr)
+            self.idle_bytes += n
+            self._trim()
+
+    def _trim(self) -> None:
+        while self.idle and self.idle_bytes + self.lent_bytes > self.cap:
+            old, b = self.idle.popitem(last=False)
+            self.by_size[b.numel()].remove(old)
+            self.idle_bytes -= b.numel()
+
+
+def _lend(pool: _Pool, lent: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    t = pool.tensor(shape, dtype)
+    lent.append(t)
+    return t
 
 
 def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
@@ -276,12 +318,17 @@ class Engine:
         cuda = self.device.type == "cuda"
         for ck, src in zip(self.ckpts if len(job.sources) > 1 else [self._ref()], job.sources, strict=True):
             buf = self._pool.get(src.nbytes)
-            bufs.append(buf)
             t = ck.read(src.name, out=buf)
             if cuda:
                 t = t.to(self.device, non_blocking=True)
             if job.floating and dtype is not None and t.dtype != dtype:
-                t = t.to(dtype)
+                if cuda:
+                    t = t.to(dtype)
+                else:
+                    t = self._pool.tensor(tuple(t.shape), dtype).copy_(t)
+                    self._pool.release(buf)
+                    buf = t
+            bufs.append(buf)
             out.append(t)
         return out, bufs
 
@@ -294,7 +341,8 @@ class Engine:
         and returns the bytes it wrote (budgeted from ``job.out_bytes`` until then)."""
         stop = threading.Event()
         budget = _Budget(self.budget_bytes(write is not None), stop)
-        self._pool = _Pool(max(j.in_bytes for j in jobs) if jobs else 0, self.device.type == "cuda")
+        biggest = max((j.in_bytes + j.out_bytes for j in jobs), default=0)
+        self._pool = _Pool(budget.limit + biggest, self.device.type == "cuda")
         ready: queue.Queue = queue.Queue()
         wq: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
@@ -329,6 +377,8 @@ class Engine:
                         t0 = time.perf_counter()
                         write(result)
                         self.stages["write"] += time.perf_counter() - t0
+                    for t in _tensors(result):
+                        self._pool.release(t)
                 except BaseException as e:  # noqa: BLE001
                     errors.append(e)
                     stop.set()
@@ -362,15 +412,18 @@ class Engine:
                     raise errors[0]
                 tensors, bufs = tensors
                 t0 = time.perf_counter()
-                result = fn(job, tensors)
+                scratch: list[torch.Tensor] = []
+                with ops.allocating(lambda shape, dtype: _lend(self._pool, scratch, shape, dtype)):
+                    result = fn(job, tensors)
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 self.stages["merge"] += time.perf_counter() - t0
                 del tensors
                 held = {t.untyped_storage().data_ptr() for t in _tensors(result)}
-                for b in bufs:  # buffers a result still uses (a copied tensor) are freed after writing instead
+                for b in bufs + scratch:  # what the result still uses goes back after writing instead
                     if b.untyped_storage().data_ptr() not in held:
-                        self._pool.put(b)
+                        self._pool.release(b)
+                del scratch
                 self.bytes_read += job.in_bytes
                 budget.release(job.in_bytes)
                 if write:
@@ -443,7 +496,7 @@ class Engine:
         active = [t for t, k in enumerate(ks) if k is not None]
 
         def feed(job: Job, tensors: list[torch.Tensor]) -> None:
-            buf = torch.empty(job.shape, dtype=torch.float32, device=self.device)
+            buf = ops.empty(job.shape, torch.float32, self.device)
             for t in active:
                 sels[t].add(consensus._delta(tensors[experts[t]], tensors[bi], buf),
                             f"{cfg.models[experts[t]].label}: {job.name}")

@@ -172,8 +172,8 @@ class GTA:
             # deltas at the fp32 bound of the same rounding class (_bf16_cut).
             bf16 = x.dtype == torch.bfloat16 and base.dtype == torch.bfloat16 and self.sparsify != "della"
             if buf is None:
-                buf = torch.empty(x.shape, dtype=torch.bfloat16 if bf16 else torch.float32, device=x.device)
-            delta = _delta_into(x, base, buf)
+                buf = ops.empty(x.shape, torch.bfloat16 if bf16 else torch.float32, x.device)
+            delta = consensus._delta(x, base, buf)
             cut = _bf16_cut if bf16 else float
             if self.sparsify == "magnitude":
                 k = consensus.keep_rank(x.numel(), d, "peft" if compat == "peft" else "mergekit")
@@ -221,12 +221,6 @@ class GTA:
         return consensus.ties(c.base, c.experts, [p["density"] for p in prm], weights=[p["weight"] for p in prm],
                               lam=c.shared["lambda"], compat=compat, normalize=c.shared["normalize"],
                               zero_sign=zero_sign, out_dtype=c.out_dtype)
-
-
-def _delta_into(x: torch.Tensor, base: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """x - base computed in fp32 in one fused pass, rounded once into buf's dtype."""
-    return ops.ties_merge(None, [x, base], ops.ties_params(2, weights=[1.0, -1.0]), elect="none", merge="sum",
-                          out_dtype=buf.dtype, out=buf)[0]
 
 
 def _bf16_cut(v: float) -> float:

@@ -333,13 +333,19 @@ def test_abs_histogram(dtype):
         specials.to(dtype),
         make((37, 129), dtype, "int", g),
         (torch.randn(1009, generator=g) * 0.02).to(dtype),
-        (torch.randn(2_500_000, generator=g) * 0.02).to(dtype),  # per-thread histograms
+        (torch.randn(2_500_003, generator=g) * 0.02).to(dtype),  # interleaved and per-thread histograms
     ]
+    old = torch.get_num_threads()
     for x in xs:
-        h0 = torch.arange(R.HIST_BINS, dtype=torch.int64)
-        C.abs_histogram_cpu(x, h0, 0, 0)
         ref0 = R.abs_histogram(x, 0)
-        assert torch.equal(h0 - torch.arange(R.HIST_BINS), ref0)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                h0 = torch.arange(R.HIST_BINS, dtype=torch.int64)
+                C.abs_histogram_cpu(x, h0, 0, 0)
+            finally:
+                torch.set_num_threads(old)
+            assert torch.equal(h0 - torch.arange(R.HIST_BINS), ref0), threads
         if x.numel():
             prefixes = [int(ref0.argmax()), int(R.abs_keys(x).reshape(-1)[0] >> 16), 0x7FFF, 70000, -1]
         else:

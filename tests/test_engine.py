@@ -393,3 +393,27 @@ def test_bf16_cut_matches_bf16_rounding():
     xb = x.bfloat16().float()
     for v in xb[torch.randint(0, x.numel(), (300,), generator=g)].tolist() + [0.0, float("inf")]:
         torch.testing.assert_close(xb >= v, x >= _bf16_cut(v), msg=str(v))
+
+
+def test_pool_reuses_buffers_and_bounds_idle_bytes():
+    from fastmerge.engine import _Pool
+
+    pool = _Pool(cap=3 << 20, pin=False)
+    a = pool.tensor((256, 1024), torch.float32)            # 1 MiB, lent
+    ptr = a.data_ptr()
+    pool.release(a)
+    b = pool.tensor((512, 512), torch.float32)             # same byte size: the same buffer comes back
+    assert b.data_ptr() == ptr and pool.idle_bytes == 0
+    c = pool.tensor((1 << 20,), torch.bfloat16)            # 2 MiB, fresh
+    pool.release(b)
+    pool.release(c)
+    assert pool.lent_bytes == 0 and pool.idle_bytes == 3 << 20
+    d = pool.tensor((3 << 20,), torch.uint8)               # lent 3 MiB: both idle buffers go (oldest first)
+    assert pool.idle_bytes == 0 and pool.lent_bytes == 3 << 20
+    pool.release(d)
+    pool.release(d)                                       # a second release, or a foreign tensor: no-op
+    pool.release(torch.empty(1 << 20))
+    assert pool.idle_bytes == 3 << 20 and pool.lent_bytes == 0
+    small = pool.tensor((10,), torch.float32)              # small tensors are not pooled
+    pool.release(small)
+    assert pool.idle_bytes == 3 << 20
