@@ -37,6 +37,59 @@ def main(path: str) -> None:
             t = f"{med * 1e3:.1f} ms" if med < 10 else f"{med:.1f} s"
             print(f"| {name} | {case} | {prov} | {t} | {b['extra_info'].get('gbps', '')} | {ratio('mergekit')} "
                   f"| {ratio('peft')} | {ratio('reference')} |")
+    engine_section(data["benchmarks"])
+
+
+def engine_section(benchmarks: list) -> None:
+    """bench_engine.py: whole merges, fastmerge CLI vs mergekit-yaml (wall, peak RSS, ratios, targets)."""
+    rows = defaultdict(dict)
+    imports = {}
+    gpu = {}
+    for b in benchmarks:
+        x = b["extra_info"]
+        if x.get("op") == "engine":
+            rows[x["method"]][x["provider"]] = x
+        elif x.get("op") == "import":
+            imports[x["provider"]] = x["import_s"]
+        elif x.get("op") == "engine_gpu":
+            gpu[x["provider"]] = x
+    if not rows and not imports and not gpu:
+        return
+    print("\n## Engine: whole merges (fastmerge CLI vs mergekit-yaml, same YAML, warm page cache)\n")
+    if imports:
+        print("- interpreter start + import: " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(imports.items())))
+    if rows:
+        print("\n| method | mergekit wall | fastmerge wall | fastmerge engine | speed-up | ex. imports | target "
+              "| mergekit RSS | fastmerge RSS | RSS ratio | GB/s read (wall / engine) | meets target | other CPU s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for method, p in sorted(rows.items()):
+            mk, fm = p.get("mergekit", {}), p.get("fastmerge", {})
+            tgt = fm.get("target") or {}
+            tgt_s = ", ".join(f"{'>=' if k == 'speedup' else '<='} {v}{'x' if k == 'speedup' else ' RSS'}"
+                              for k, v in tgt.items())
+            other = "/".join(str(d.get("other_cpu_s", "")) for d in (mk, fm) if d)
+            print(f"| {method} | {_s(mk.get('wall_s'))} | {_s(fm.get('wall_s'))} | {_s(fm.get('engine_s'))} "
+                  f"| {_x(fm.get('speedup'))} | {_x(fm.get('speedup_ex_import'))} | {tgt_s} "
+                  f"| {_mb(mk.get('peak_rss_mb'))} | {_mb(fm.get('peak_rss_mb'))} "
+                  f"| {fm.get('rss_ratio', '')} | {fm.get('gbps', '')} / {fm.get('engine_gbps', '')} "
+                  f"| {'' if 'meets_target' not in fm else ('yes' if fm['meets_target'] else '**no**')} | {other} |")
+    if gpu:
+        fm, floor = gpu.get("fastmerge_cuda", {}), gpu.get("read_to_gpu", {})
+        print(f"\n- GPU ({fm.get('device') or floor.get('device', '?')}), ties: fastmerge --device cuda "
+              f"{_s(fm.get('wall_s'))} wall, {_s(fm.get('engine_s'))} engine; reading all inputs onto the GPU "
+              f"(pinned) {_s(floor.get('wall_s'))}: engine / read floor = {fm.get('engine_vs_read_floor', '?')}")
+
+
+def _s(v) -> str:
+    return "" if v is None else f"{v:.2f} s"
+
+
+def _x(v) -> str:
+    return "" if v is None else f"{v:.1f}x"
+
+
+def _mb(v) -> str:
+    return "" if v is None else f"{v / 1024:.2f} GiB"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ leaves neither OUT nor temp files.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -413,7 +414,7 @@ class Engine:
                 tensors, bufs = tensors
                 t0 = time.perf_counter()
                 scratch: list[torch.Tensor] = []
-                with ops.allocating(lambda shape, dtype: _lend(self._pool, scratch, shape, dtype)):
+                with ops.allocating(functools.partial(_lend, self._pool, scratch)):
                     result = fn(job, tensors)
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
@@ -423,7 +424,6 @@ class Engine:
                 for b in bufs + scratch:  # what the result still uses goes back after writing instead
                     if b.untyped_storage().data_ptr() not in held:
                         self._pool.release(b)
-                del scratch
                 self.bytes_read += job.in_bytes
                 budget.release(job.in_bytes)
                 if write:
