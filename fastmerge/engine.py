@@ -317,9 +317,12 @@ class Engine:
         dtype = self.cfg.dtype
         out, bufs = [], []
         cuda = self.device.type == "cuda"
-        for ck, src in zip(self.ckpts if len(job.sources) > 1 else [self._ref()], job.sources, strict=True):
-            buf = self._pool.get(src.nbytes)
-            t = ck.read(src.name, out=buf)
+        for ck, src in self._sources(job):
+            if cuda:
+                buf = self._pool.get(src.nbytes)
+                t = ck.read(src.name, out=buf)
+            else:  # zero-copy: the kernels read the page cache through a mapping
+                t = buf = ck.map(src.name)
             if cuda:
                 t = t.to(self.device, non_blocking=True)
             if job.floating and dtype is not None and t.dtype != dtype:
@@ -332,6 +335,9 @@ class Engine:
             bufs.append(buf)
             out.append(t)
         return out, bufs
+
+    def _sources(self, job: Job) -> list[tuple[Checkpoint, TensorInfo]]:
+        return list(zip(self.ckpts if len(job.sources) > 1 else [self._ref()], job.sources, strict=True))
 
     def _ref(self) -> Checkpoint:
         return self.ckpts[self.cfg.models.index(self.cfg.base)] if self.cfg.base is not None else self.ckpts[0]
@@ -424,6 +430,9 @@ class Engine:
                 for b in bufs + scratch:  # what the result still uses goes back after writing instead
                     if b.untyped_storage().data_ptr() not in held:
                         self._pool.release(b)
+                if self.device.type == "cpu":  # mapped inputs leave this process (safe even if a result holds
+                    for ck, src in self._sources(job):  # one: untouched pages fault back in from the file)
+                        ck.unmap(src.name)
                 self.bytes_read += job.in_bytes
                 budget.release(job.in_bytes)
                 if write:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -38,6 +39,7 @@ NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _MAX_HEADER = 100 << 20
+_PAGE = mmap.PAGESIZE
 
 
 class CheckpointError(ValueError):
@@ -110,6 +112,7 @@ class Checkpoint:
         self.name = name or path
         self.tensors: dict[str, TensorInfo] = {}
         self._fds: dict[str, int] = {}
+        self._mmaps: dict[str, mmap.mmap] = {}
         if os.path.isdir(path):
             self._open_dir(path)
         elif os.path.isfile(path):
@@ -162,12 +165,7 @@ class Checkpoint:
         several threads may read at once."""
         ti = self.info(name)
         buf = torch.empty(ti.nbytes, dtype=torch.uint8) if out is None else out.view(torch.uint8)[: ti.nbytes]
-        fd = self._fds.get(ti.file)
-        if fd is None:
-            try:
-                fd = self._fds[ti.file] = os.open(ti.file, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{self.name}: {ti.file}: cannot open ({e.strerror})") from None
+        fd = self._fd(ti.file)
         view, got = memoryview(buf.numpy()), 0
         while got < ti.nbytes:
             n = os.preadv(fd, [view[got:]], ti.start + got)
@@ -178,7 +176,47 @@ class Checkpoint:
             raise CheckpointError(f"{self.name}: {ti.file}: tensor {name!r} is truncated ({got} of {ti.nbytes} bytes)")
         return buf.view(ti.dtype).reshape(ti.shape)
 
+    def map(self, name: str) -> torch.Tensor:
+        """One tensor as a zero-copy view of its file (mapped copy-on-write: page-cache pages are used as they
+        are, and a write would only touch a private copy). Its pages are faulted in here, on the caller's thread,
+        so that a cold read blocks the reader and not the merge; :meth:`unmap` drops them from this process."""
+        ti = self.info(name)
+        mm = self._mmaps.get(ti.file)
+        if mm is None:
+            fd = self._fd(ti.file)
+            try:
+                mm = self._mmaps[ti.file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{self.name}: {ti.file}: cannot map ({e})") from None
+        if os.fstat(self._fds[ti.file]).st_size < ti.end:
+            raise CheckpointError(f"{self.name}: {ti.file}: tensor {name!r} is truncated (the file shrank)")
+        t = torch.frombuffer(mm, dtype=torch.uint8, count=ti.nbytes, offset=ti.start) if ti.nbytes else \
+            torch.empty(0, dtype=torch.uint8)
+        if ti.nbytes:
+            t[::_PAGE].sum()  # one touch per page: fault-around maps the rest (and reads from disk when cold)
+        return t.view(ti.dtype).reshape(ti.shape)
+
+    def unmap(self, name: str) -> None:
+        """Drop a mapped tensor's pages from this process (they stay in the page cache): bounded RSS."""
+        ti = self.info(name)
+        mm = self._mmaps.get(ti.file)
+        if mm is None or not ti.nbytes:
+            return
+        start = ti.start - ti.start % _PAGE
+        end = min(len(mm), -(-ti.end // _PAGE) * _PAGE)
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{self.name}: {file}: cannot open ({e.strerror})") from None
+        return fd
+
     def close(self) -> None:
+        self._mmaps.clear()  # never mm.close(): tensors from map() keep their mapping alive until they go
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -134,3 +134,29 @@ def test_errors_name_file_and_tensor(tmp_path):
         Checkpoint(str(sharded))
     with pytest.raises(CheckpointError, match="no tensor 'zz'"):
         Checkpoint(str(good)).read("zz")
+
+
+def test_map_is_zero_copy_and_unmap_keeps_values(tmp_path):
+    p = tmp_path / "x.safetensors"
+    big = torch.randn(3000, 7)                          # several pages, not page aligned
+    save_file({"a": torch.arange(5.0), "big": big, "z": torch.empty(0, 3)}, str(p))
+    ck = Checkpoint(str(p))
+    m = ck.map("big")
+    assert torch.equal(m, big) and torch.equal(ck.map("a"), torch.arange(5.0)) and ck.map("z").shape == (0, 3)
+    ck.unmap("big")                                     # pages leave the process; the view re-reads them
+    ck.unmap("z")
+    assert torch.equal(m, big)
+    m.mul_(2)                                           # copy-on-write: the file is never modified
+    assert torch.equal(load_file(str(p))["big"], big)
+    ck.close()                                          # with live views: the mapping goes when they do
+    assert torch.equal(m, 2 * big)
+
+
+def test_map_of_a_file_that_shrank_is_an_error(tmp_path):
+    p = tmp_path / "x.safetensors"
+    save_file({"a": torch.arange(5.0), "b": torch.randn(4096)}, str(p))
+    ck = Checkpoint(str(p))
+    os.truncate(p, os.path.getsize(p) - 100)
+    with pytest.raises(CheckpointError, match="'b' is truncated"):
+        ck.map("b")
+    ck.close()
