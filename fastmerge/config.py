@@ -92,8 +92,8 @@ def _load_yaml(source: str | os.PathLike | dict) -> tuple[dict, str]:
         with open(text) as f:
             text = f.read()
         root = os.path.dirname(os.path.abspath(str(source)))
-    elif "\n" not in text and text.endswith((".yml", ".yaml")):
-        raise ConfigError(f"config file {text} not found")
+    elif "\n" not in text and (text.endswith((".yml", ".yaml")) or ":" not in text):
+        raise ConfigError(f"config file {text} not found")  # one line and no mapping: meant as a path
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

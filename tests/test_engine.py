@@ -267,8 +267,9 @@ def test_config_errors(fam, tmp_path):
     _fails(tmp_path, {**cfg("ties", fam, {"weight": 1}), "slices": []}, ConfigError, "slices are not supported")
     _fails(tmp_path, cfg("dare_ties", fam, {"weight": 1}, extra={"trim": "global"}), ConfigError,
            "trim: global applies to")
-    with pytest.raises(ConfigError, match="config file .*nope.yml not found"):
-        fastmerge.merge("nope.yml", str(tmp_path / "o"))
+    for missing in ("nope.yml", str(tmp_path / "no_such_config")):
+        with pytest.raises(ConfigError, match=f"config file .*{os.path.basename(missing)} not found"):
+            fastmerge.merge(missing, str(tmp_path / "o"))
 
 
 def _copy_family(fam, dst):
