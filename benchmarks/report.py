@@ -45,6 +45,7 @@ def engine_section(benchmarks: list) -> None:
     rows = defaultdict(dict)
     imports = {}
     gpu = {}
+    floors = {}
     for b in benchmarks:
         x = b["extra_info"]
         if x.get("op") == "engine":
@@ -53,11 +54,16 @@ def engine_section(benchmarks: list) -> None:
             imports[x["provider"]] = x["import_s"]
         elif x.get("op") == "engine_gpu":
             gpu[x["provider"]] = x
+        elif x.get("op") == "write_floor":
+            floors[x["provider"]] = x
     if not rows and not imports and not gpu:
         return
     print("\n## Engine: whole merges (fastmerge CLI vs mergekit-yaml, same YAML, warm page cache)\n")
     if imports:
-        print("- interpreter start + import: " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(imports.items())))
+        print("- interpreter start + import: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(imports.items())))
+    if floors:
+        print("- writing one model's bytes into a new file: " + ", ".join(
+            f"{k} {v['gbps']:.2f} GB/s" for k, v in sorted(floors.items())))
     if rows:
         print("\n| method | mergekit wall | fastmerge wall | fastmerge engine | speed-up | ex. imports | target "
               "| mergekit RSS | fastmerge RSS | RSS ratio | GB/s read (wall / engine) | meets target | other CPU s |")

@@ -45,7 +45,6 @@ SIDE_FILES = (
     "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
 )
 RECORD = "fastmerge_config.yml"
-_INF_BIN = 0x7F80  # abs_histogram's level-0 bins from +inf's up hold inf and NaN only
 
 
 @dataclass(frozen=True)
@@ -472,13 +471,14 @@ class Engine:
             raise type(e)(f"merging tensor {job.name!r} with {self.cfg.method}: {e}{self._nonfinite(tensors)}") from e
         return out
 
-    def _check_finite(self, job: Job, out: torch.Tensor, hist: torch.Tensor) -> None:
+    def _check_finite(self, job: Job, out: torch.Tensor) -> None:
         """On the writer thread: NaN/inf in a merged tensor is an error naming the tensor and the input(s) at
-        fault (re-read from disk only then). One histogram pass over the output, off the merge thread."""
+        fault (re-read from disk only then). One min/max pass over the output (NaN propagates through both, inf
+        shows up in one), off the merge thread: about 18 GB/s per core, a quarter of a histogram pass."""
         if not out.dtype.is_floating_point or not out.numel():
             return
-        hist.zero_()
-        if int(ops.abs_histogram(out, hist)[_INF_BIN:].cpu().numpy().sum()):
+        lo, hi = torch.aminmax(out)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             inputs = [ck.read(src.name).to(out.device) for ck, src in zip(self.ckpts, job.sources, strict=False)]
             why = self._nonfinite(inputs) or "; check the method's parameters"
             raise ValueError(f"merging tensor {job.name!r} with {self.cfg.method} produced NaN/inf{why}")
@@ -567,10 +567,9 @@ class Engine:
         layout = [(j.name, j.out_dtype, j.shape) for j in self.jobs]
         w = ShardedWriter(directory, layout, self.out_shard_bytes, metadata={"merged_by": "fastmerge"})
         try:
-            hist = torch.zeros(1 << 16, dtype=torch.int64, device=self.device)
 
             def write(r: tuple[Job, torch.Tensor]) -> None:
-                self._check_finite(r[0], r[1], hist)
+                self._check_finite(r[0], r[1])
                 w.write(r[0].name, r[1])
 
             self.stream(self.jobs, lambda j, ts: (j, self._merge_one(j, ts)), f"{self.cfg.method}", write=write)

@@ -6,7 +6,11 @@ positioned ``readinto`` into a preallocated buffer (optionally pinned) instead o
 Pickle checkpoints (``.bin``/``.pt``) are refused: nothing is ever unpickled.
 
 Writing goes to a temporary directory beside the output, which is renamed into place only when everything
-is written (``ShardedWriter``); an error or Ctrl-C removes it.
+is written (``ShardedWriter``); an error or Ctrl-C removes it. The page-aligned interior of each large tensor
+is written with ``O_DIRECT`` where the filesystem allows it (from a small aligned bounce buffer): a buffered
+write must first allocate and zero a page-cache page per 4 KiB, which on virtual machines runs at a fraction
+of the disk's speed (0.4 GB/s against 1.4-1.9 GB/s direct on the 2-core CI VM). Pages that straddle two
+tensors and the header go through the page cache, so no page is ever written both ways.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _MAX_HEADER = 100 << 20
 _PAGE = mmap.PAGESIZE
+_DIRECT_MIN = 1 << 20      # tensors smaller than this are written buffered
+_BOUNCE = 8 << 20          # aligned staging buffer for O_DIRECT writes
 
 
 class CheckpointError(ValueError):
@@ -287,6 +293,8 @@ class ShardedWriter:
         n = len(groups)
         self.files: list[str] = []
         self._fds: list[int] = []
+        self._direct: list[int | None] = []   # an O_DIRECT descriptor per file, where the filesystem has one
+        self._bounce: mmap.mmap | None = None
         self._where: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         self._pending = {name for name, _, _ in layout}
         self.weight_map: dict[str, str] = {}
@@ -307,6 +315,7 @@ class ShardedWriter:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
                 self.files.append(path)
+                self._direct.append(_open_direct(path))
                 data0 = 8 + len(raw)
                 total = data0 + off
                 try:
@@ -346,9 +355,39 @@ class ShardedWriter:
         if name not in self._pending:
             raise ValueError(f"tensor {name!r} written twice")
         data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._pwrite(self._fds[i], data, off, self.files[i])
+        view = memoryview(data).cast("B")
+        a = -(-off // _PAGE) * _PAGE                 # the whole pages inside [off, off + n)
+        b = (off + len(view)) // _PAGE * _PAGE
+        direct = self._direct[i]
+        if direct is not None and b - a >= _DIRECT_MIN:
+            self._pwrite(self._fds[i], view[:a - off], off, self.files[i])
+            self._pwrite(self._fds[i], view[b - off:], b, self.files[i])
+            try:
+                self._pwrite_direct(direct, view[a - off:b - off], a)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # an unexpected alignment rule: buffered from now on
+                    raise OSError(e.errno, f"writing {self.files[i]}: {e.strerror}") from None
+                self._direct[i] = None
+                self._pwrite(self._fds[i], view[a - off:b - off], a, self.files[i])
+        else:
+            self._pwrite(self._fds[i], view, off, self.files[i])
         self._pending.discard(name)
         self.bytes_written += data.nbytes
+
+    def _pwrite_direct(self, fd: int, view: memoryview, offset: int) -> None:
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, _BOUNCE)  # anonymous mappings are page-aligned
+        bounce = memoryview(self._bounce)
+        try:
+            while view:
+                n = min(len(view), _BOUNCE)
+                bounce[:n] = view[:n]
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, bounce[done:n], offset + done)
+                view, offset = view[n:], offset + n
+        finally:
+            bounce.release()
 
     def finish(self) -> None:
         """Check every declared tensor was written and write the index for sharded outputs. (No fsync: like
@@ -363,12 +402,26 @@ class ShardedWriter:
                            "weight_map": dict(sorted(self.weight_map.items()))}, f, indent=2)
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in self._fds + [d for d in self._direct if d is not None]:
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self._fds = []
+        self._fds, self._direct = [], []
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
+
+
+def _open_direct(path: str) -> int | None:
+    """A second, O_DIRECT descriptor of ``path``, or None where the OS or filesystem has none (tmpfs, macOS)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or os.environ.get("FASTMERGE_DIRECT_IO", "1") == "0":
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
 
 
 def parse_size(v: int | float | str) -> int:
