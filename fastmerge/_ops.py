@@ -29,6 +29,7 @@ SCHEMAS = {
     "float lam, Tensor(a!) out) -> ()",
     "emr_elect": "emr_elect(Tensor? base, Tensor[] experts, Tensor(a!) tau_uni, Tensor(b!) masks, "
     "Tensor(c!) stats) -> ()",
+    "orth_project": "orth_project(Tensor x, Tensor u, Tensor(a!) out) -> ()",
 }
 
 
@@ -145,6 +146,16 @@ def check(op: str, *a) -> None:
         _same("tau_uni", tau_uni, experts[0])
         _buffer("masks", masks, torch.bool, (len(experts), *experts[0].shape), experts[0].device)
         _buffer("stats", stats, torch.float64, (len(experts), 2), experts[0].device)
+    elif op == "orth_project":
+        x, u, out = a
+        _float("x", x)
+        _float("u", u)
+        _float("out", out)
+        _check(x.dim() == 3, lambda: f"x must be a stack of matrices (B, m, n), got shape {tuple(x.shape)}")
+        _check(u.dim() == 3 and u.shape[0] == x.shape[0] and u.shape[1] == x.shape[1],
+               lambda: f"u must be (B, m, k) = ({x.shape[0]}, {x.shape[1]}, k) like x, got {tuple(u.shape)}")
+        _check(u.device == x.device, lambda: f"u is on {u.device}, x is on {x.device}")
+        _same("out", out, x, "x")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,6 +168,11 @@ def _contig(t):
 
 def _run(op: str, *a) -> None:
     check(op, *a)
+    if op == "orth_project":
+        x, u, out = a
+        fn = select(op, x.device, (x.dtype, u.dtype, out.dtype))
+        _into(out, lambda o: fn(x, u, o))  # the kernels take any strides
+        return
     if op in ("abs_histogram", "row_kth_largest_abs", "prune", "della_prune"):
         x = a[0]
         fn = select(op, x.device, (x.dtype,))

@@ -9,7 +9,9 @@ Per-model settings fall back to the global ``parameters``.
 fastmerge-only settings live under a top-level ``fastmerge:`` mapping, which mergekit ignores:
 ``compat`` (whose semantics: mergekit by default, or official/fusionbench/peft), ``trim`` (``tensor`` or
 ``global`` magnitude trimming), ``backend`` (force a kernel backend), ``tasks`` (names of the tasks in a
-multi-task store) and ``extra_tensors`` (``ignore`` or ``error``: tensors a model has and the base lacks).
+multi-task store), ``extra_tensors`` (``ignore`` or ``error``: tensors a model has and the base lacks) and,
+for the subspace methods, ``svd`` (exact, fast or randomized), ``svd_oversample``, ``svd_power_iters`` and
+``exclude_keys`` (see fastmerge.svd_methods).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ FASTMERGE_KEYS = {
     "backend": None,
     "tasks": None,
     "extra_tensors": ("ignore", "error"),
+    "svd": ("exact", "fast", "randomized"),
+    "svd_oversample": None,
+    "svd_power_iters": None,
+    "exclude_keys": None,
 }
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
 

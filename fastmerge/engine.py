@@ -72,6 +72,32 @@ class Job:
         return self.numel * _itemsize(self.out_dtype)
 
 
+@dataclass(frozen=True)
+class Group:
+    """Same-shape jobs merged as one stack (methods with a ``batch`` function): read, merged and written
+    together, budgeted as one."""
+
+    jobs: tuple[Job, ...]
+
+    @property
+    def name(self) -> str:
+        return self.jobs[0].name + (f" (+{len(self.jobs) - 1} same-shape)" if len(self.jobs) > 1 else "")
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(j.in_bytes for j in self.jobs)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(j.out_bytes for j in self.jobs)
+
+
+# bytes of fp32/fp64 working memory per element and task of a stacked subspace merge (task vectors, the fp64
+# copy the Gram eigensolvers take, factors): a stack is capped so that this stays within the memory budget
+_STACK_WORK = 32
+_STACK_MAX = 64
+
+
 @dataclass
 class MergeSummary:
     """What a merge did: wall time, bytes moved, peak memory, per-stage times."""
@@ -310,9 +336,16 @@ class Engine:
         return 2 * biggest
 
     # ------------------------------------------------------------------------------------------- stream
-    def _load(self, job: Job) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _load(self, job: Job | Group) -> tuple[list, list[torch.Tensor]]:
         """A job's input tensors (on the merge device, cast to the config's dtype) and the host buffers they
-        were read into, which go back to the pool once the job is merged."""
+        were read into, which go back to the pool once the job is merged. A group gives one list per job."""
+        if isinstance(job, Group):
+            tensors, bufs = [], []
+            for j in job.jobs:
+                t, b = self._load(j)
+                tensors.append(t)
+                bufs += b
+            return tensors, bufs
         dtype = self.cfg.dtype
         out, bufs = [], []
         cuda = self.device.type == "cuda"
@@ -335,13 +368,15 @@ class Engine:
             out.append(t)
         return out, bufs
 
-    def _sources(self, job: Job) -> list[tuple[Checkpoint, TensorInfo]]:
+    def _sources(self, job: Job | Group) -> list[tuple[Checkpoint, TensorInfo]]:
+        if isinstance(job, Group):
+            return [s for j in job.jobs for s in self._sources(j)]
         return list(zip(self.ckpts if len(job.sources) > 1 else [self._ref()], job.sources, strict=True))
 
     def _ref(self) -> Checkpoint:
         return self.ckpts[self.cfg.models.index(self.cfg.base)] if self.cfg.base is not None else self.ckpts[0]
 
-    def stream(self, jobs: list[Job], fn: Callable[[Job, list[torch.Tensor]], Any], desc: str,
+    def stream(self, jobs: list[Job | Group], fn: Callable[[Any, list], Any], desc: str,
                write: Callable[[Any], int] | None = None) -> None:
         """Run ``fn(job, inputs)`` over jobs with a prefetching reader; ``write(result)`` runs on a writer thread
         and returns the bytes it wrote (budgeted from ``job.out_bytes`` until then)."""
@@ -563,16 +598,65 @@ class Engine:
                             self.bytes_read, written, peak_rss(), gpu, self.passes,
                             self.budget_bytes(True), dict(self.stages), extra)
 
+    def units(self) -> list[Job | Group]:
+        """The jobs as the merge pass takes them: one by one, or, for methods that merge stacks, floating jobs
+        grouped by (shape, dtypes) in schedule order, each group capped so that its inputs stay within half the
+        memory budget and its fp32/fp64 working set within the budget (at most 64 tensors)."""
+        if self.method.batch is None:
+            return list(self.jobs)
+        limit = self.budget_bytes(True)
+        T = max(1, len(self.cfg.experts))
+        open_: dict[tuple, list[Job]] = {}
+        units: list[Job | Group] = []
+
+        def close(key):
+            units.append(Group(tuple(open_.pop(key))))
+
+        for j in self.jobs:
+            if not j.floating:
+                units.append(j)
+                continue
+            key = (j.shape, j.out_dtype, tuple(s.dtype for s in j.sources))
+            cur = open_.get(key)
+            if cur is not None:
+                nb = sum(x.in_bytes for x in cur) + j.in_bytes
+                work = (sum(x.numel for x in cur) + j.numel) * T * _STACK_WORK
+                if len(cur) >= _STACK_MAX or nb > limit // 2 or work > limit:
+                    close(key)
+                    cur = None
+            if cur is None:
+                open_[key] = cur = []
+            cur.append(j)
+        for key in list(open_):
+            close(key)
+        return units
+
+    def _merge_group(self, g: Group, tensors: list[list[torch.Tensor]]) -> tuple[Group, list[torch.Tensor]]:
+        calls = [self._call(j, ts) for j, ts in zip(g.jobs, tensors, strict=True)]
+        try:
+            outs = self.method.batch(calls)
+        except (ValueError, RuntimeError) as e:
+            bad = "".join(self._nonfinite(ts) for ts in tensors)
+            raise type(e)(f"merging tensor(s) {g.name!r} with {self.cfg.method}: {e}{bad}") from e
+        return g, outs
+
     def _write_model(self, directory: str) -> int:
         layout = [(j.name, j.out_dtype, j.shape) for j in self.jobs]
         w = ShardedWriter(directory, layout, self.out_shard_bytes, metadata={"merged_by": "fastmerge"})
         try:
-
-            def write(r: tuple[Job, torch.Tensor]) -> None:
+            def write(r) -> None:
+                if isinstance(r[0], Group):
+                    for j, t in zip(r[0].jobs, r[1], strict=True):
+                        self._check_finite(j, t)
+                        w.write(j.name, t)
+                    return
                 self._check_finite(r[0], r[1])
                 w.write(r[0].name, r[1])
 
-            self.stream(self.jobs, lambda j, ts: (j, self._merge_one(j, ts)), f"{self.cfg.method}", write=write)
+            def merge(j, ts):
+                return self._merge_group(j, ts) if isinstance(j, Group) else (j, self._merge_one(j, ts))
+
+            self.stream(self.units(), merge, f"{self.cfg.method}", write=write)
             w.finish()
         finally:
             w.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import consensus, ops
+from . import consensus, ops, svd_methods
 from .config import ConfigError, MergeConfig
 
 REQUIRED = object()
@@ -47,6 +47,7 @@ class Method:
     max_inputs: int | None = None
     store: bool = False              # writes a multi-task store instead of one model
     doc: str = ""
+    batch: Callable[[list[TensorCall]], list[torch.Tensor]] | None = None  # a stack of same-shape tensors at once
 
 
 @dataclass
@@ -320,6 +321,18 @@ _GTA = {
 }
 _TALL_PARAMS = (Param("tall_lambda", NONBASE, float, 0.4), Param("density", NONBASE, float, 0.2))
 
+
+def _subspace(name: str, doc: str) -> Method:
+    fn = svd_methods.FNS[name]
+
+    def batch(calls: list[TensorCall]) -> list[torch.Tensor]:
+        return fn(calls, svd_methods.options(calls[0].options))
+
+    params = [Param("alpha", SHARED, float, 1.0), Param("weight", NONBASE, float, 1.0)]
+    if name == "iso_cts":
+        params.append(Param("common_fraction", SHARED, float, 0.8))
+    return Method(name, tuple(params), lambda c: batch([c])[0], min_inputs=2, doc=doc, batch=batch)
+
 METHODS: dict[str, Method] = {
     "linear": Method("linear", (Param("weight", INPUT, float), Param("normalize", SHARED, bool, True)), _linear,
                      base="optional", doc="weighted average of the models"),
@@ -339,7 +352,17 @@ METHODS: dict[str, Method] = {
                    doc="TALL masks: a multi-task store (shared tau_MTL + one packed mask per task)"),
     "emr": Method("emr", (), None, store=True,
                   doc="EMR-merging: a multi-task store (tau_uni + one packed mask and scale per task)"),
+    **{name: _subspace(name, doc) for name, doc in (
+        ("tsv_m", "Task Singular Vectors merge: top r/T triplets per task, orthogonalised, original values"),
+        ("iso_c", "Iso-C: mean singular value x polar factor of the summed task vectors"),
+        ("iso_cts", "Iso-CTS: common + task-specific subspaces, orthogonalised, flattened spectrum"))},
+    "tsv_c": Method("tsv_c", (Param("weight", NONBASE, float, 1.0),), None, store=True, min_inputs=2,
+                    doc="TSV-C: a multi-task store of each task's top r/T singular triplets per matrix",
+                    batch=lambda calls: svd_methods.tsv_c_factors(
+                        calls, svd_methods.options(calls[0].options, "tsv_c"))),
 }
+SUBSPACE = ("tsv_m", "iso_c", "iso_cts", "tsv_c")
+SUBSPACE_OPTIONS = ("svd", "svd_oversample", "svd_power_iters", "exclude_keys")
 GLOBAL_TRIM = ("ties", "magnitude_prune", "consensus_ties", "tall")
 
 
@@ -389,6 +412,17 @@ def validate(cfg: MergeConfig) -> None:
             d = model.parameters.get("density", cfg.parameters.get("density", 1.0 if m.name != "tall" else 0.2))
             if not isinstance(d, (int, float)) or isinstance(d, bool):
                 raise ConfigError(f"fastmerge.trim: global needs one density per model; {model.label} has {d!r}")
+    if m.name in SUBSPACE:
+        svd_methods.check_config(cfg)
+        for model in cfg.models:
+            fr = model.parameters.get("common_fraction", cfg.parameters.get("common_fraction"))
+            if fr is not None and not (isinstance(fr, (int, float)) and 0 < fr <= 1):
+                raise ConfigError(f"parameters.common_fraction: expected a number in (0, 1], got {fr!r}")
+    else:
+        given = [k for k in SUBSPACE_OPTIONS if k in cfg.options]
+        if given:
+            raise ConfigError(f"fastmerge.{given[0]}: applies to the subspace methods ({', '.join(SUBSPACE)}), "
+                              f"not {m.name}")
     if compat != "mergekit" and m.name not in ("ties",):
         raise ConfigError(f"fastmerge.compat: {compat} changes the semantics of ties only, not {m.name}")
 

@@ -337,3 +337,19 @@ def emr_elect(base, experts, out_dtype: torch.dtype = torch.float32):
     stats = torch.zeros(len(experts), 2, dtype=torch.float64, device=e0.device)
     torch.ops.fastmerge.emr_elect(base, experts, uni, masks, stats)
     return uni, masks, stats
+
+
+def orth_project(x: torch.Tensor, u: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """X - U (U^T X) for a matrix or a stack of matrices (..., m, n), U (..., m, k) with orthonormal columns:
+    the part of X outside span(U). fp32 maths (fp64 for fp64 inputs); the result in ``out_dtype`` (default:
+    fp32, or fp64 for fp64 inputs)."""
+    if x.dim() < 2 or u.dim() != x.dim() or u.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"orth_project: x (..., m, n) and u (..., m, k) must share (..., m); got "
+                         f"{tuple(x.shape)} and {tuple(u.shape)}")
+    lead = x.shape[:-2]
+    xs = x.reshape(-1, *x.shape[-2:])
+    us = u.reshape(-1, *u.shape[-2:])
+    dt = out_dtype or (torch.float64 if torch.float64 in (x.dtype, u.dtype) else torch.float32)
+    out = empty(xs.shape, dt, x.device)
+    torch.ops.fastmerge.orth_project(xs, us, out)
+    return out.reshape(*lead, *x.shape[-2:])

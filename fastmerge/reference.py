@@ -361,3 +361,10 @@ def emr_elect(
     stats = torch.stack([d.abs().double().sum(1), (uni.abs() * agree).double().sum(1)], dim=1)
     shape = experts[0].shape
     return uni.reshape(shape).to(out_dtype), agree.reshape(len(experts), *shape), stats
+
+
+def orth_project(x: torch.Tensor, u: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """X - U (U^T X) per matrix of a stack: x (B, m, n), u (B, m, k); fp32 maths (fp64 for fp64 inputs)."""
+    dt = torch.float64 if torch.float64 in (x.dtype, u.dtype) else torch.float32
+    xf, uf = x.to(dt), u.to(dt)
+    return (xf - uf @ (uf.mT @ xf)).to(out_dtype or x.dtype)

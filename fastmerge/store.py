@@ -1,4 +1,4 @@
-"""The compact multi-task store written by the per-task methods (TALL masks, EMR; later TSV-C), and
+"""The compact multi-task store written by the per-task methods (TALL masks, EMR, TSV-C), and
 ``reconstruct``, which rebuilds any one task's model from it.
 
 Layout of a store directory::
@@ -11,6 +11,11 @@ Layout of a store directory::
 Task t's model is ``base + scale_t * unpack(mask_t) * shared`` (fp32 maths, cast to the base's dtype); tensors
 that are not floating are the base's. T masks cost T/8 bytes per parameter: for 8 tasks and a bf16 model the
 store is about 2.5x one model instead of 8x.
+
+A TSV-C store has ``factors/`` instead of ``shared/`` and ``masks/``: per matrix, task t's top int(r/T) singular
+triplets as ``NAME.U`` (T, m, k), ``NAME.S`` (T, k, fp32) and ``NAME.Vh`` (T, k, n); per other floating tensor
+the task vectors ``NAME.tau`` (T, *shape). Task t's model is ``base + U_t diag(S_t) Vh_t`` (``+ tau_t``), which
+costs T k (m + n + 1) values per matrix: about one model in all for any T, instead of T.
 """
 
 from __future__ import annotations
@@ -32,16 +37,106 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+def _task_names(cfg) -> list[str]:
+    T = len(cfg.experts)
+    names = cfg.options.get("tasks") or [os.path.basename(os.path.normpath(m.path)) for m in cfg.experts]
+    if len(names) != T or len(set(names)) != T:
+        raise ValueError(f"fastmerge.tasks must name each of the {T} non-base models once, got {names}")
+    return list(names)
+
+
+def _copy_base_side_files(engine, od: OutputDir) -> None:
+    src = engine.side_source()
+    if src:
+        for f in os.listdir(src):
+            p = os.path.join(src, f)
+            if os.path.isfile(p) and not f.endswith(".safetensors") and f != "model.safetensors.index.json":
+                shutil.copy2(p, os.path.join(od.sub("base"), f))
+
+
+def _finish_meta(engine, od: OutputDir, names: list[str], scales: list[float], bytes_written: int,
+                 **extra) -> dict:
+    cfg, jobs = engine.cfg, engine.jobs
+    T = len(names)
+    _copy_base_side_files(engine, od)
+    one_model = sum(j.out_bytes for j in jobs)
+    size = _dir_bytes(od.tmp)
+    meta = {"format": FORMAT, "version": 1, "method": cfg.method, "tasks": names, "scales": scales,
+            "experts": [m.path for m in cfg.experts], "base": cfg.base.path,
+            "bytes": size, "bytes_of_separate_models": one_model * T,
+            "size_ratio": size / max(one_model * T, 1), **extra}
+    with open(os.path.join(od.tmp, "store.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return {"bytes_written": bytes_written, "tasks": names, "scales": scales, "store_bytes": size,
+            "size_ratio": meta["size_ratio"], **extra}
+
+
+def write_tsvc_store(engine, od: OutputDir) -> dict:
+    """TSV-C: stream stacks of same-shape tensors, compress each task vector to its top int(r/T) triplets."""
+    from . import svd_methods
+    from .engine import Group
+
+    cfg, jobs = engine.cfg, engine.jobs
+    names = _task_names(cfg)
+    T = len(names)
+    o = svd_methods.options(cfg.options, "tsv_c")
+    bi = cfg.models.index(cfg.base)
+    base_layout = [(j.name, (cfg.dtype or j.sources[bi].dtype) if j.floating else j.out_dtype, j.shape) for j in jobs]
+    fac_layout, ranks = [], {}
+    for j in jobs:
+        if not j.floating:
+            continue
+        if svd_methods.is_matrix(j.name, j.shape, o):
+            m, n = j.shape
+            k = ranks[j.name] = svd_methods.tsv_c_rank(min(m, n), T)
+            fac_layout += [(j.name + ".U", j.out_dtype, (T, m, k)), (j.name + ".S", torch.float32, (T, k)),
+                           (j.name + ".Vh", j.out_dtype, (T, k, n))]
+        else:
+            fac_layout.append((j.name + ".tau", j.out_dtype, (T, *j.shape)))
+    wb = ShardedWriter(od.sub("base"), base_layout, engine.out_shard_bytes)
+    wf = ShardedWriter(od.sub("factors"), fac_layout, engine.out_shard_bytes)
+
+    def one(unit, tensors):
+        group = unit.jobs if isinstance(unit, Group) else (unit,)
+        tensors = tensors if isinstance(unit, Group) else [tensors]
+        items = [(wb, j.name, ts[bi]) for j, ts in zip(group, tensors, strict=True)]
+        fl = [(j, ts) for j, ts in zip(group, tensors, strict=True) if j.floating]
+        if fl:
+            calls = [engine._call(j, ts) for j, ts in fl]
+            for (j, _), parts in zip(fl, svd_methods.tsv_c_factors(calls, o), strict=True):
+                if len(parts) == 1:
+                    items.append((wf, j.name + ".tau", parts[0].to(j.out_dtype)))
+                else:
+                    u, s, vh = parts
+                    items += [(wf, j.name + ".U", u.to(j.out_dtype)), (wf, j.name + ".S", s.float().contiguous()),
+                              (wf, j.name + ".Vh", vh.to(j.out_dtype))]
+        return items
+
+    def write(items):
+        for w, name, t in items:
+            w.write(name, t.contiguous())
+
+    try:
+        engine.stream(engine.units(), one, f"{cfg.method} store", write=write)
+        for w in (wb, wf):
+            w.finish()
+    finally:
+        for w in (wb, wf):
+            w.close()
+    return _finish_meta(engine, od, names, [1.0] * T, wb.bytes_written + wf.bytes_written,
+                        ranks_per_task=sorted(set(ranks.values())))
+
+
 def write_store(engine, od: OutputDir) -> dict:
     """Stream the engine's jobs into a store inside ``od`` (called by Engine.run)."""
     from . import methods
 
+    if engine.cfg.method == "tsv_c":
+        return write_tsvc_store(engine, od)
+
     cfg, jobs = engine.cfg, engine.jobs
-    experts = cfg.experts
-    T = len(experts)
-    names = cfg.options.get("tasks") or [os.path.basename(os.path.normpath(m.path)) for m in experts]
-    if len(names) != T or len(set(names)) != T:
-        raise ValueError(f"fastmerge.tasks must name each of the {T} non-base models once, got {names}")
+    names = _task_names(cfg)
+    T = len(names)
     parts = methods.emr_parts if cfg.method == "emr" else methods.tall_parts
     fl = [j for j in jobs if j.floating]
     bi = cfg.models.index(cfg.base)
@@ -80,22 +175,7 @@ def write_store(engine, od: OutputDir) -> dict:
         scales = torch.where(den > 0, num / den.clamp(min=1e-300), torch.ones_like(num)).tolist()
     else:
         scales = [1.0] * T
-    src = engine.side_source()
-    if src:
-        for f in os.listdir(src):
-            p = os.path.join(src, f)
-            if os.path.isfile(p) and not f.endswith(".safetensors") and f != "model.safetensors.index.json":
-                shutil.copy2(p, os.path.join(od.sub("base"), f))
-    one_model = sum(j.out_bytes for j in jobs)
-    size = _dir_bytes(od.tmp)
-    meta = {"format": FORMAT, "version": 1, "method": cfg.method, "tasks": names, "scales": scales,
-            "experts": [m.path for m in experts], "base": cfg.base.path,
-            "bytes": size, "bytes_of_separate_models": one_model * T,
-            "size_ratio": size / max(one_model * T, 1)}
-    with open(os.path.join(od.tmp, "store.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return {"bytes_written": wb.bytes_written + ws.bytes_written + wm.bytes_written, "tasks": names,
-            "scales": scales, "store_bytes": size, "size_ratio": meta["size_ratio"]}
+    return _finish_meta(engine, od, names, scales, wb.bytes_written + ws.bytes_written + wm.bytes_written)
 
 
 def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size: int | str = "5B",
@@ -123,8 +203,10 @@ def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size
     else:
         raise ValueError(f"task {task!r} is not in the store; it has {tasks}")
     scale = float(meta["scales"][t])
-    base, shared, masks = (Checkpoint(os.path.join(store_dir, p), name=f"store {p}") for p in
-                           ("base", "shared", "masks"))
+    tsvc = meta.get("method") == "tsv_c"
+    parts = ("base", "factors") if tsvc else ("base", "shared", "masks")
+    cks = [Checkpoint(os.path.join(store_dir, p), name=f"store {p}") for p in parts]
+    base = cks[0]
     names = sorted(base.tensors.values(), key=lambda ti: (ti.file, ti.start))
     layout = [(ti.name, ti.dtype, ti.shape) for ti in names]
     written = 0
@@ -134,7 +216,10 @@ def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size
             try:
                 for ti in names:
                     x = base.read(ti.name)
-                    if ti.name in shared:
+                    if tsvc:
+                        x = _tsvc_task(cks[1], ti.name, t, x)
+                    elif ti.name in cks[1]:
+                        shared, masks = cks[1], cks[2]
                         n = x.numel()
                         bits = masks.read(ti.name)[t].numpy()
                         m = torch.from_numpy(np.unpackbits(bits, count=n).astype(np.bool_)).reshape(x.shape)
@@ -152,6 +237,16 @@ def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size
                     shutil.copy2(p, os.path.join(od.tmp, f))
             od.commit()
     finally:
-        for ck in (base, shared, masks):
+        for ck in cks:
             ck.close()
     return {"task": tasks[t], "scale": scale, "bytes_written": written, "out_dir": os.path.abspath(out_dir)}
+
+
+def _tsvc_task(factors: Checkpoint, name: str, t: int, x: torch.Tensor) -> torch.Tensor:
+    """Task t's tensor from a TSV-C store: base + U_t diag(S_t) Vh_t, or base + tau_t."""
+    if name + ".tau" in factors:
+        return (x.float() + factors.read(name + ".tau")[t].float()).to(x.dtype)
+    if name + ".U" not in factors:
+        return x
+    u, s, vh = (factors.read(name + suffix)[t].float() for suffix in (".U", ".S", ".Vh"))
+    return (x.float() + (u * s) @ vh).to(x.dtype)

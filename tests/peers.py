@@ -117,3 +117,76 @@ def official_emr(tvs):
     agree = tvs * flag > 0
     uni = flag * (tvs * agree).abs().max(0).values
     return uni, agree
+
+
+# ---- TSV-M / Iso-C / Iso-CTS / TSV-C as the official code does them: one key at a time, per-matrix SVDs ----
+# (AntoAndGar/task_singular_vectors TSVM_utils, danielm1405/iso-merging iso.py; the "official-style loop"
+# the subspace benchmarks time). taus: list of one key's task vectors (fp32).
+def official_is_matrix(key, t):
+    return t.dim() == 2 and "text_projection" not in key
+
+
+def official_mean(taus):
+    m = torch.zeros_like(taus[0])
+    for i, t in enumerate(taus):
+        m += (t - m) / (i + 1)
+    return m
+
+
+def official_tsv_m(taus):
+    T = len(taus)
+    m, n = taus[0].shape
+    r = min(m, n)
+    k = int(r * (1 / T))
+    u_bar, s_bar, v_bar = torch.zeros(m, r), torch.zeros(r), torch.zeros(r, n)
+    for i, tau in enumerate(taus):
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u_bar[:, i * k:(i + 1) * k] = u[:, :k]
+        s_bar[i * k:(i + 1) * k] = s[:k]
+        v_bar[i * k:(i + 1) * k, :] = vh[:k, :]
+    p, _, q = torch.linalg.svd(u_bar, full_matrices=False)
+    u_perp = p @ q
+    p, _, q = torch.linalg.svd(v_bar, full_matrices=False)
+    v_perp = p @ q
+    return torch.linalg.multi_dot((u_perp, torch.diag(s_bar), v_perp))
+
+
+def official_iso_c(taus):
+    total = sum(taus)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return s.mean() * u @ vh
+
+
+def official_iso_cts(taus, common_fraction=0.8):
+    T = len(taus)
+    total = sum(taus)
+    m, n = total.shape
+    r = min(m, n)
+    kc = int(r * common_fraction)
+    ts = round((r - kc) / T) * T
+    kc = r - ts
+    st = (r - kc) // T
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    uc, sc, vhc = u[:, :kc], s[:kc], vh[:kc, :]
+    us, ss, vs = [], [], []
+    for tau in taus:
+        resid = tau - uc @ (uc.T @ tau)
+        ut, stv, vht = torch.linalg.svd(resid, full_matrices=False)
+        us.append(ut[:, :st])
+        ss.append(stv[:st])
+        vs.append(vht[:st, :])
+    u_all = torch.cat([*us, uc], 1)
+    s_all = torch.cat([*ss, sc])
+    v_all = torch.cat([*vs, vhc], 0)
+    p, _, q = torch.linalg.svd(u_all, full_matrices=False)
+    u_perp = p @ q
+    p, _, q = torch.linalg.svd(v_all, full_matrices=False)
+    v_perp = p @ q
+    return s_all.mean() * u_perp @ v_perp
+
+
+def official_tsv_c(tau, T):
+    m, n = tau.shape
+    k = min(m, n) // T
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    return u[:, :k] @ torch.diag(s[:k]) @ vh[:k, :]

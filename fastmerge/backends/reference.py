@@ -63,3 +63,7 @@ def emr_elect(base, experts, tau_uni, masks, stats):
 
 def _name(table: dict[str, int], code: int) -> str:
     return next(k for k, v in table.items() if v == code)
+
+
+def orth_project(x, u, out):
+    out.copy_(ref.orth_project(x, u, out.dtype))

@@ -19,6 +19,7 @@ OPS = (
     "tall_masks",
     "consensus_merge",
     "emr_elect",
+    "orth_project",
 )
 _HALF = frozenset({torch.float32, torch.float16, torch.bfloat16})
 REBUILD = "pip install --no-build-isolation -e ."
@@ -86,13 +87,17 @@ def _load(module: str):
 _ALL = frozenset(OPS)
 BACKENDS: dict[str, Backend] = {
     "cpp": Backend("cpp", "fastmerge.backends.cpp", ("cpu",), _HALF, _ALL),
-    "cuda": Backend("cuda", "fastmerge.backends.cuda", ("cuda",), _HALF, _ALL - {"della_prune"}, max_experts=64),
+    # orth_project: on the CPU the two GEMMs of MKL/OpenBLAS (through ATen) are the kernel, on CUDA the fused
+    # Triton kernel is (a hand-written CUDA GEMM would not beat either)
+    "cuda": Backend("cuda", "fastmerge.backends.cuda", ("cuda",), _HALF, _ALL - {"della_prune", "orth_project"},
+                    max_experts=64),
     "triton": Backend(
         "triton",
         "fastmerge.backends.triton",
         ("cuda", "cpu"),
         _HALF,
-        frozenset({"abs_histogram", "prune", "ties_merge", "tall_masks", "consensus_merge", "emr_elect"}),
+        frozenset({"abs_histogram", "prune", "ties_merge", "tall_masks", "consensus_merge", "emr_elect",
+                   "orth_project"}),
     ),
     "reference": Backend(
         "reference", "fastmerge.backends.reference", ("cpu", "cuda", "mps", "xpu"), _HALF | {torch.float64}, _ALL

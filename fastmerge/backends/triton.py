@@ -16,6 +16,7 @@ _MODULES = {
     "tall_masks": "consensus",
     "consensus_merge": "consensus",
     "emr_elect": "emr",
+    "orth_project": "orth_project",
 }
 
 
@@ -48,3 +49,7 @@ def consensus_merge(base, experts, lambdas, mtl, min_count, lam, out):
 
 def emr_elect(base, experts, tau_uni, masks, stats):
     _launcher("emr_elect")(base, experts, tau_uni, masks, stats)
+
+
+def orth_project(x, u, out):
+    _launcher("orth_project")(x, u, out)

@@ -1,0 +1,181 @@
+"""The subspace merge methods: TSV-M, Iso-C, Iso-CTS (one merged model) and TSV-C (a multi-task store).
+
+Each works per tensor: 2-D tensors that pass the key predicate go through the subspace maths, every other
+tensor gets the mean of the task vectors (as the official code does), and the result is
+``base + alpha * delta``. The engine hands these methods stacks of same-shape tensors (several layers at
+once, within the memory budget), and every step runs on the whole stack at once (fastmerge.subspace).
+
+Semantics follow the official code (../shared/spec/algorithms.md §1, §4.4-4.5):
+
+* ``tsv_m``: k = int(r * (1/T)) top singular triplets per task (r = min(m, n)), packed task after task,
+  U and V orthogonalised by their polar factors, the original singular values kept. The slots past T*k stay
+  empty (they hold zero singular values, so they add nothing).
+* ``iso_c``: mean singular value of the summed task matrix times its polar factor (the mean over all r
+  singular values).
+* ``iso_cts``: a common subspace of k_c = r - round((r - int(r f)) / T) * T directions of the sum (f =
+  ``common_fraction``, Python's round), then s_t = (r - k_c) / T directions per task from the part of its task
+  vector outside the common left subspace; task blocks first, the common block last; both sides
+  orthogonalised; every singular value replaced by the mean of the packed ones.
+* ``tsv_c``: each task vector compressed to its top int(r/T) triplets; tensors that are not matrices are
+  stored as they are.
+
+``fastmerge: {svd: exact | fast | randomized}`` picks the kernels (fastmerge.subspace): exact is the official
+``torch.linalg.svd`` everywhere, fast (default) the fp64-Gram eigensolvers (same result to ~1e-5),
+randomized a range finder (``svd_oversample``, ``svd_power_iters``) for k << r, approximate.
+``exclude_keys`` (substrings; default ``[text_projection]``, the official rule) sends matching 2-D tensors
+to the mean instead; FusionBench excludes nothing by default (``exclude_keys: []``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import subspace
+from .config import ConfigError
+
+DEFAULT_EXCLUDE = ("text_projection",)
+
+
+def options(opts: dict[str, Any], method: str = "tsv_m") -> dict[str, Any]:
+    """The subspace settings of a config's ``fastmerge:`` section, checked, with defaults (TSV-C excludes no
+    key by default: the official code compresses every 2-D tensor)."""
+    mode = opts.get("svd", "fast")
+    if mode not in subspace.MODES:
+        raise ConfigError(f"fastmerge.svd: expected one of {', '.join(subspace.MODES)}, got {mode!r}")
+    out = {"mode": mode, "exclude": tuple(opts.get("exclude_keys", () if method == "tsv_c" else DEFAULT_EXCLUDE))}
+    if not all(isinstance(s, str) for s in out["exclude"]) or isinstance(opts.get("exclude_keys"), str):
+        raise ConfigError(f"fastmerge.exclude_keys: expected a list of substrings, got {opts.get('exclude_keys')!r}")
+    for key, default in (("svd_oversample", None), ("svd_power_iters", 2)):
+        v = opts.get(key, default)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ConfigError(f"fastmerge.{key}: expected an integer >= 0, got {v!r}")
+        out[key.removeprefix("svd_")] = v
+    return out
+
+
+def is_matrix(name: str, shape: tuple[int, ...], opts: dict[str, Any]) -> bool:
+    """The key predicate: 2-D, non-empty, and no excluded substring in the name."""
+    return len(shape) == 2 and min(shape) > 0 and not any(s in name for s in opts["exclude"])
+
+
+def _svd_kw(o: dict[str, Any]) -> dict[str, Any]:
+    return {"mode": o["mode"], "oversample": o["oversample"], "power_iters": o["power_iters"]}
+
+
+def _polar_mode(o: dict[str, Any]) -> str:
+    return "exact" if o["mode"] == "exact" else "fast"
+
+
+def task_stack(calls) -> torch.Tensor:
+    """(G, T, *shape) fp32 task vectors w_t * (x_t - base) of a stack of same-shape tensor calls."""
+    out = []
+    for c in calls:
+        b = c.base.float()
+        out.append(torch.stack([(x.float() - b) * float(p["weight"]) for x, p in
+                                zip(c.experts, c.expert_params, strict=True)]))
+    return torch.stack(out)
+
+
+def _finish(calls, delta: torch.Tensor) -> list[torch.Tensor]:
+    """base + alpha * delta per call, in each call's output dtype."""
+    return [(c.base.float() + float(c.shared["alpha"]) * d).to(c.out_dtype) for c, d in zip(calls, delta, strict=True)]
+
+
+def _mean(calls) -> list[torch.Tensor]:
+    """The non-matrix rule: the arithmetic mean of the task vectors (a running mean, as the official code)."""
+    taus = task_stack(calls)
+    m = torch.zeros_like(taus[:, 0])
+    for i in range(taus.shape[1]):
+        m += (taus[:, i] - m) / (i + 1)
+    return _finish(calls, m)
+
+
+def _pack(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
+    """(G, T, m, k), (G, T, k), (G, T, k, n) -> U (G, m, T k), s (G, T k), Vh (G, T k, n), task after task."""
+    G, T, m, k = u.shape
+    n = vh.shape[-1]
+    return u.permute(0, 2, 1, 3).reshape(G, m, T * k), s.reshape(G, T * k), vh.reshape(G, T * k, n)
+
+
+def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str) -> torch.Tensor:
+    """polar(U) diag(s) polar(Vh) for stacks U (G, m, p), s (G, p), Vh (G, p, n). (Vh keeps the official
+    orientation: an SVD of its transpose rounds differently, and the polar factor amplifies round-off by
+    the packed matrix's condition number.)"""
+    return (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
+
+
+def tsv_m(calls, o: dict[str, Any]) -> list[torch.Tensor]:
+    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
+        return _mean(calls)
+    taus = task_stack(calls)
+    G, T, m, n = taus.shape
+    k = subspace.tsv_pack_sizes(min(m, n), T)
+    u, s, vh = subspace.svd_topk(taus.reshape(G * T, m, n), k, **_svd_kw(o))
+    U, S, V = _pack(u.reshape(G, T, m, k), s.reshape(G, T, k), vh.reshape(G, T, k, n))
+    pad = min(m, n) - T * k
+    if o["mode"] == "exact" and pad:  # the official code's zero slots (they change only the rounding)
+        U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, 0, 0, pad))
+        S = torch.nn.functional.pad(S, (0, pad))
+    return _finish(calls, _orthogonalise(U, S, V, _polar_mode(o)))
+
+
+def iso_c(calls, o: dict[str, Any]) -> list[torch.Tensor]:
+    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
+        return _mean(calls)
+    total = task_stack(calls).sum(1)
+    p, nuc = subspace.polar(total, mode=_polar_mode(o), nuclear=True)
+    r = min(total.shape[-2:])
+    return _finish(calls, p * (nuc / r)[:, None, None])
+
+
+def iso_cts(calls, o: dict[str, Any]) -> list[torch.Tensor]:
+    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
+        return _mean(calls)
+    taus = task_stack(calls)
+    G, T, m, n = taus.shape
+    r = min(m, n)
+    kc, st = subspace.iso_cts_sizes(r, T, float(calls[0].shared["common_fraction"]))
+    kw = _svd_kw(o)
+    uc, sc, vhc = subspace.svd_topk(taus.sum(1), kc, **kw)
+    if st:
+        uc_t = uc.unsqueeze(1).expand(G, T, m, kc).reshape(G * T, m, kc)
+        resid = subspace.project_out(taus.reshape(G * T, m, n), uc_t)
+        ut, stv, vht = subspace.svd_topk(resid, st, **kw)
+        U, S, V = _pack(ut.reshape(G, T, m, st), stv.reshape(G, T, st), vht.reshape(G, T, st, n))
+        U, S, V = torch.cat([U, uc], 2), torch.cat([S, sc], 1), torch.cat([V, vhc], 1)
+    else:
+        U, S, V = uc, sc, vhc
+    mean = S.mean(1, keepdim=True).expand_as(S)
+    return _finish(calls, _orthogonalise(U, mean, V, _polar_mode(o)))
+
+
+def tsv_c_factors(calls, o: dict[str, Any]):
+    """Per call: (U (T, m, k), S (T, k), Vh (T, k, n)) fp32 for matrices, or the raw task vectors (T, *shape).
+    The official TSV-C compresses every 2-D tensor (its text_projection exclusion is commented out), so
+    ``options(..., "tsv_c")`` excludes nothing unless ``exclude_keys`` says so."""
+    taus = task_stack(calls)
+    G, T = taus.shape[:2]
+    shape = tuple(calls[0].base.shape)
+    if not is_matrix(calls[0].name, shape, o):
+        return [tuple([taus[g]]) for g in range(G)]
+    m, n = shape
+    k = tsv_c_rank(min(m, n), T)
+    u, s, vh = subspace.svd_topk(taus.reshape(G * T, m, n), k, **_svd_kw(o))
+    u, s, vh = u.reshape(G, T, m, k), s.reshape(G, T, k), vh.reshape(G, T, k, n)
+    return [(u[g], s[g], vh[g]) for g in range(G)]
+
+
+def tsv_c_rank(r: int, tasks: int) -> int:
+    """TSV-C keeps int(r / T) triplets (a true division; TSV-M's int(r * (1/T)) can be one less, e.g. 49, 49)."""
+    return r // tasks
+
+
+FNS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts}
+
+
+def check_config(cfg) -> None:
+    options(cfg.options, cfg.method)
+    if len(cfg.experts) < 1:
+        raise ConfigError(f"merge_method {cfg.method} needs at least one model besides the base")

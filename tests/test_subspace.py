@@ -1,0 +1,205 @@
+"""Subspace kernels: the orth_project op on every backend against its oracle, and the batched truncated SVD
+and polar factor against torch.linalg.svd. Singular vectors are not unique, so the checks compare singular
+values, orthonormality, projectors and reconstructions, never raw U/V."""
+
+import math
+
+import pytest
+import torch
+from _backends import NATIVE, backend_device, dtypes_for
+
+from fastmerge import ops, subspace
+from fastmerge import reference as ref
+from fastmerge.backends import get_backend
+
+
+def _dev(name):
+    d = backend_device(name)
+    if d is None:
+        pytest.skip(f"backend {name} cannot run here")
+    return d
+
+
+def lowrank_noise(b, m, n, rank=12, noise=0.05, seed=0, dtype=torch.float32):
+    """A stack of low-rank-plus-noise matrices with a decaying spectrum (like task vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(b, m, rank, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(b, n, rank, generator=g)).Q
+    s = torch.arange(1, rank + 1, dtype=torch.float32) ** -0.8
+    x = (u * s) @ v.mT + noise * torch.randn(b, m, n, generator=g) / math.sqrt(max(m, n))
+    return x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# orth_project: the op on every backend
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 37, 29, 5), (3, 130, 67, 17), (1, 65, 200, 1), (2, 40, 9, 0),
+                                   (1, 300, 70, 150)], ids=str)
+def test_orth_project_backends(backend, shape):
+    dev = _dev(backend)
+    fn = get_backend(backend).fn("orth_project")
+    b, m, n, k = shape
+    for dtype in dtypes_for(backend, dev):
+        g = torch.Generator().manual_seed(m * n + k)
+        x = torch.randn(b, m, n, generator=g).to(dtype)
+        u = torch.linalg.qr(torch.randn(b, m, max(k, 1), generator=g)).Q[..., :k].to(dtype)
+        want = ref.orth_project(x, u, torch.float32)
+        out = torch.empty(b, m, n, dtype=torch.float32, device=dev)
+        fn(x.to(dev), u.to(dev), out)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.cpu(), want, rtol=tol, atol=tol)
+        if dtype == torch.float32 and k:
+            assert float((u.mT @ out.cpu()).abs().max()) < 1e-4  # nothing of span(U) is left
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_orth_project_non_contiguous_through_dispatcher(backend, monkeypatch):
+    dev = _dev(backend)
+    monkeypatch.setenv("FASTMERGE_BACKEND", backend)
+    big = torch.randn(2, 90, 61)
+    x = big.transpose(1, 2)[:, 3:58:2, :]  # (2, 28, 90), strided
+    u = torch.linalg.qr(torch.randn(2, 90, 14)).Q.transpose(1, 2).contiguous().transpose(1, 2)[:, 3:58:2, :]
+    u = torch.linalg.qr(u).Q  # (2, 28, 14), orthonormal, non-contiguous after slicing below
+    u = torch.cat([u, u], 2)[..., ::2]
+    assert not x.is_contiguous() and not u.is_contiguous()
+    got = ops.orth_project(x.to(dev), u.to(dev))
+    torch.testing.assert_close(got.cpu(), ref.orth_project(x, u, torch.float32), rtol=1e-5, atol=1e-5)
+    out = torch.empty(2, 90, 28, device=dev).transpose(1, 2)  # non-contiguous output through the op
+    torch.ops.fastmerge.orth_project(x.to(dev), u.to(dev), out)
+    torch.testing.assert_close(out.cpu(), ref.orth_project(x, u, torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_orth_project_errors_and_single_matrix():
+    x = torch.randn(20, 7)
+    u = torch.linalg.qr(torch.randn(20, 3)).Q
+    got = ops.orth_project(x, u)
+    torch.testing.assert_close(got, x - u @ (u.T @ x), rtol=1e-5, atol=1e-5)
+    assert ops.orth_project(x.double(), u).dtype == torch.float64
+    with pytest.raises(ValueError, match="share"):
+        ops.orth_project(x, torch.randn(19, 3))
+    with pytest.raises(RuntimeError, match="u must be"):
+        torch.ops.fastmerge.orth_project(x[None], torch.randn(2, 20, 3), torch.empty(1, 20, 7))
+    with pytest.raises(RuntimeError, match="x must be a floating"):
+        torch.ops.fastmerge.orth_project(x[None].int(), u[None], torch.empty(1, 20, 7))
+
+
+def test_orth_project_opcheck():
+    x = torch.randn(2, 9, 5)
+    u = torch.linalg.qr(torch.randn(2, 9, 3)).Q
+    torch.library.opcheck(torch.ops.fastmerge.orth_project.default, (x, u, torch.empty(2, 9, 5)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# truncated SVD
+
+
+def _check_triplets(a, k, u, s, vh, *, sv_tol, rec_tol):
+    """s against the exact singular values; U, V orthonormal; U diag(s) Vh against the exact rank-k part."""
+    a64 = a.double()
+    U, S, Vh = torch.linalg.svd(a64, full_matrices=False)
+    torch.testing.assert_close(s.double(), S[..., :k], rtol=sv_tol, atol=sv_tol * float(S.max()))
+    eye = torch.eye(k, dtype=torch.float64)
+    assert float((u.double().mT @ u.double() - eye).abs().max()) < 1e-4
+    assert float((vh.double() @ vh.double().mT - eye).abs().max()) < 1e-4
+    want = (U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]
+    got = (u.double() * s.double()[..., None, :]) @ vh.double()
+    err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    assert err < rec_tol, err
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 25), (2, 25, 40), (1, 64, 64), (4, 33, 7)], ids=str)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_svd_topk_accurate_modes(shape, mode):
+    a = lowrank_noise(*shape, rank=min(shape[1:]) // 2)
+    r = min(shape[1:])
+    for k in (1, r // 3, r):
+        u, s, vh = subspace.svd_topk(a, k, mode=mode)
+        assert u.shape == (*shape[:-1], k) and s.shape == (shape[0], k) and vh.shape == (shape[0], k, shape[-1])
+        _check_triplets(a, k, u, s, vh, sv_tol=1e-5, rec_tol=1e-4)
+
+
+def test_svd_topk_randomized_on_a_gap():
+    """Where the spectrum has a clear gap at k the randomized range finder is as good as exact."""
+    g = torch.Generator().manual_seed(1)
+    b, m, n, k = 3, 120, 90, 10
+    u0 = torch.linalg.qr(torch.randn(b, m, k, generator=g)).Q
+    v0 = torch.linalg.qr(torch.randn(b, n, k, generator=g)).Q
+    a = (u0 * torch.linspace(2, 1, k)) @ v0.mT + 1e-4 * torch.randn(b, m, n, generator=g)
+    u, s, vh = subspace.svd_topk(a, k, mode="randomized", power_iters=2, seed=3)
+    _check_triplets(a, k, u, s, vh, sv_tol=1e-4, rec_tol=1e-3)
+    again = subspace.svd_topk(a, k, mode="randomized", power_iters=2, seed=3)
+    assert torch.equal(again[1], s)  # the seed fixes the test matrix
+
+
+def test_svd_topk_edge_cases():
+    z = torch.zeros(2, 30, 20)
+    for mode in subspace.MODES:
+        u, s, vh = subspace.svd_topk(z, 5, mode=mode)
+        assert float(s.abs().max()) == 0.0
+        assert float((u * s[:, None]).abs().max()) == 0.0 and torch.isfinite(u).all() and torch.isfinite(vh).all()
+    # rank-deficient: a rank-3 matrix asked for 6 triplets; the null part reconstructs to zero
+    a = torch.randn(50, 3) @ torch.randn(3, 40)
+    u, s, vh = subspace.svd_topk(a, 6, mode="fast")
+    torch.testing.assert_close((u * s) @ vh, a, rtol=1e-4, atol=1e-4)
+    # a single matrix, fp64, bf16 input, k = 0
+    u, s, vh = subspace.svd_topk(torch.randn(9, 4).double(), 2)
+    assert u.shape == (9, 2) and s.dtype == torch.float64
+    assert subspace.svd_topk(torch.randn(9, 4).bfloat16(), 2)[1].dtype == torch.float32
+    assert subspace.svd_topk(torch.randn(2, 9, 4), 0)[0].shape == (2, 9, 0)
+    with pytest.raises(ValueError, match="k must lie"):
+        subspace.svd_topk(torch.randn(9, 4), 5)
+    with pytest.raises(ValueError, match="mode"):
+        subspace.svd_topk(torch.randn(9, 4), 2, mode="lanczos")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# polar factor
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 25), (2, 25, 40), (1, 33, 33)], ids=str)
+def test_polar_matches_svd(shape):
+    x = lowrank_noise(*shape, rank=min(shape[1:]), noise=0.3)
+    U, S, Vh = torch.linalg.svd(x.double(), full_matrices=False)
+    for mode in ("exact", "fast"):
+        p, nuc = subspace.polar(x, mode=mode, nuclear=True)
+        torch.testing.assert_close(p.double(), U @ Vh, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nuc.double(), S.sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_polar_partial_isometry_on_zero_columns():
+    """TSV-M's packed U has empty slots: the factor is zero there and an isometry on the rest."""
+    q = torch.linalg.qr(torch.randn(50, 12)).Q
+    x = torch.cat([q[:, :5], q[:, 5:9] + 0.3 * q[:, :4], torch.zeros(50, 3)], 1)  # 12 columns, 3 zero
+    p = subspace.polar(x)
+    assert float(p[:, 9:].abs().max()) < 1e-6
+    eye = torch.eye(9)
+    assert float((p[:, :9].T @ p[:, :9] - eye).abs().max()) < 1e-5
+    U, _, Vh = torch.linalg.svd(x[:, :9], full_matrices=False)
+    torch.testing.assert_close(p[:, :9], U @ Vh, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="randomized"):
+        subspace.polar(x, mode="randomized")
+
+
+def test_cpu_workers_split_the_stack(monkeypatch):
+    a = lowrank_noise(5, 30, 20)
+    monkeypatch.setenv("FASTMERGE_THREADS", "1")
+    one = subspace.svd_topk(a, 4)
+    monkeypatch.setenv("FASTMERGE_THREADS", "2")
+    two = subspace.svd_topk(a, 4)
+    for x, y in zip(one, two, strict=True):
+        torch.testing.assert_close(x, y)
+    assert torch.get_num_threads() >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rank formulas of the official code
+
+
+def test_rank_formulas():
+    assert [subspace.tsv_pack_sizes(768, t) for t in (8, 14, 20)] == [96, 54, 38]
+    assert [subspace.tsv_pack_sizes(1024, t) for t in (8, 14, 20)] == [128, 73, 51]
+    assert [subspace.iso_cts_sizes(768, t) for t in (8, 14, 20)] == [(616, 19), (614, 11), (608, 8)]
+    assert [subspace.iso_cts_sizes(1024, t) for t in (8, 14, 20)] == [(816, 26), (814, 15), (824, 10)]
+    assert [subspace.iso_cts_sizes(50, t) for t in (8, 14, 20)] == [(42, 1), (36, 1), (50, 0)]

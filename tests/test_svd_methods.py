@@ -1,0 +1,193 @@
+"""The subspace methods through `fastmerge merge`: exact mode against the official algorithms (tests/peers.py,
+one key at a time with per-matrix SVDs), fast mode against exact, the key predicate, stacking across layers,
+TSV-C's store and reconstruction, and config errors."""
+
+import math
+import os
+
+import pytest
+import torch
+from _models import llama_config, save_hf
+from peers import official_is_matrix, official_iso_c, official_iso_cts, official_mean, official_tsv_c, official_tsv_m
+from safetensors.torch import load_file
+
+import fastmerge
+from fastmerge.config import ConfigError
+from fastmerge.config import load as load_config
+from fastmerge.engine import Engine, Group
+
+OFFICIAL = {"tsv_m": official_tsv_m, "iso_c": official_iso_c, "iso_cts": official_iso_cts}
+
+
+def _task_family(root, T=3, dtype=torch.float32, seed=0, hidden=48, layers=2, inter=80, vocab=400):
+    """base + T experts whose task vectors are low-rank + shared + noise (realistic spectra), plus a
+    CLIP-style text_projection and a 1-D norm."""
+    cfg = llama_config(hidden, layers, vocab, inter, "float32")
+    g = torch.Generator().manual_seed(seed)
+    from _models import llama_shapes
+
+    shapes = llama_shapes(cfg) | {"text_projection": (hidden, 32)}
+    base = {k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    shared = {k: _lowrank(s, 6, g) for k, s in shapes.items()}
+    paths = [save_hf(os.path.join(root, "base"), {k: v.to(dtype) for k, v in base.items()}, cfg)]
+    for t in range(T):
+        sd = {k: (v + 0.01 * (0.3 * shared[k] + _lowrank(v.shape, 8, g)
+                              + 0.05 * torch.randn(v.shape, generator=g))).to(dtype) for k, v in base.items()}
+        paths.append(save_hf(os.path.join(root, f"task{t}"), sd, cfg))
+    return paths
+
+
+def _lowrank(shape, rank, g):
+    if len(shape) != 2:
+        return torch.randn(shape, generator=g)
+    m, n = shape
+    s = torch.arange(1, rank + 1, dtype=torch.float32) ** -0.7
+    return (torch.randn(m, rank, generator=g) * s) @ torch.randn(rank, n, generator=g) / math.sqrt(rank)
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    return _task_family(str(tmp_path_factory.mktemp("svdfam")))
+
+
+def _cfg(method, fam, extra=None, gp=None, mp=None):
+    c = {"merge_method": method, "base_model": fam[0],
+         "models": [{"model": m, **({"parameters": dict(mp)} if mp else {})} for m in fam[1:]]}
+    if gp:
+        c["parameters"] = gp
+    if extra:
+        c["fastmerge"] = extra
+    return c
+
+
+def _load(d):
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, f)))
+    return out
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _official(method, fam, alpha=1.0, exclude=("text_projection",)):
+    sds = [_load(p) for p in fam]
+    out = {}
+    for k, b in sds[0].items():
+        taus = [sd[k].float() - b.float() for sd in sds[1:]]
+        if official_is_matrix(k, b) and not any(s in k for s in exclude if s != "text_projection"):
+            delta = OFFICIAL[method](taus)
+        else:
+            delta = official_mean(taus)
+        out[k] = b.float() + alpha * delta
+    return out
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_exact_mode_equals_official(fam, tmp_path, method):
+    s = fastmerge.merge(_cfg(method, fam, {"svd": "exact"}, {"alpha": 0.7}), str(tmp_path / "o"), quiet=True)
+    got, want = _load(str(tmp_path / "o")), _official(method, fam, 0.7)
+    assert set(got) == set(want) and s.tensors == len(want)
+    for k in want:
+        base = _load(fam[0])[k].float()
+        assert _rel(got[k] - base, want[k] - base) <= 1e-5, k  # the merged update, relative
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_fast_mode_close_to_exact(fam, tmp_path, method):
+    fastmerge.merge(_cfg(method, fam, {"svd": "exact"}), str(tmp_path / "exact"), quiet=True)
+    fastmerge.merge(_cfg(method, fam), str(tmp_path / "fast"), quiet=True)
+    ex, fa, base = _load(str(tmp_path / "exact")), _load(str(tmp_path / "fast")), _load(fam[0])
+    worst = max(_rel(fa[k] - base[k], ex[k] - base[k]) for k in ex)
+    assert worst <= 1e-3, worst
+    weights = max(_rel(fa[k], ex[k]) for k in ex)
+    assert weights <= 1e-4, weights
+
+
+def test_randomized_mode_runs_and_is_reproducible(fam, tmp_path):
+    c = _cfg("tsv_m", fam, {"svd": "randomized", "svd_power_iters": 3, "svd_oversample": 4})
+    fastmerge.merge(c, str(tmp_path / "a"), quiet=True)
+    fastmerge.merge(c, str(tmp_path / "b"), quiet=True)
+    a, b = _load(str(tmp_path / "a")), _load(str(tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exclude_keys_and_weights(fam, tmp_path):
+    """exclude_keys: [] puts text_projection through TSV (FusionBench); per-model weights scale each task
+    vector before the SVDs (FusionBench's list of alphas)."""
+    out = str(tmp_path / "o")
+    fastmerge.merge(_cfg("tsv_m", fam, {"svd": "exact", "exclude_keys": []}, mp={"weight": 0.5}), out, quiet=True)
+    got = _load(out)
+    sds = [_load(p) for p in fam]
+    b = sds[0]["text_projection"].float()
+    taus = [0.5 * (sd["text_projection"].float() - b) for sd in sds[1:]]
+    assert _rel(got["text_projection"] - b, official_tsv_m(taus)) <= 1e-5
+    assert _rel(got["model.norm.weight"] - sds[0]["model.norm.weight"], official_mean(taus[:0] or [
+        0.5 * (sd["model.norm.weight"] - sds[0]["model.norm.weight"]) for sd in sds[1:]])) <= 1e-5
+
+
+def test_same_shape_tensors_are_stacked(fam):
+    eng = Engine(load_config(_cfg("tsv_m", fam)))
+    eng.plan()
+    units = eng.units()
+    groups = [u for u in units if isinstance(u, Group)]
+    assert any(len(g.jobs) > 1 for g in groups)
+    assert sorted(j.name for u in units for j in (u.jobs if isinstance(u, Group) else (u,))) == sorted(
+        j.name for j in eng.jobs)
+    for g in groups:
+        assert len({j.shape for j in g.jobs}) == 1
+    # a tight budget gives smaller stacks, never a wrong merge
+    eng2 = Engine(load_config(_cfg("tsv_m", fam)), memory_budget=200_000)
+    eng2.plan()
+    def biggest(us):
+        return max(len(u.jobs) for u in us if isinstance(u, Group) and len(u.jobs[0].shape) == 2)
+
+    assert biggest(eng2.units()) < biggest(groups)
+
+
+def test_bf16_models(tmp_path):
+    fam = _task_family(str(tmp_path / "f"), T=2, dtype=torch.bfloat16, seed=3)
+    fastmerge.merge(_cfg("iso_cts", fam, {"svd": "exact"}), str(tmp_path / "e"), quiet=True)
+    fastmerge.merge(_cfg("iso_cts", fam), str(tmp_path / "f2"), quiet=True)
+    ex, fa = _load(str(tmp_path / "e")), _load(str(tmp_path / "f2"))
+    assert all(t.dtype == torch.bfloat16 for t in fa.values())
+    assert max(_rel(fa[k], ex[k]) for k in ex) <= 1e-2  # one bf16 rounding apart at most
+
+
+def test_tsv_c_store_and_reconstruct(fam, tmp_path):
+    store = str(tmp_path / "store")
+    s = fastmerge.merge(_cfg("tsv_c", fam, {"svd": "exact", "tasks": ["a", "b", "c"]}), store, quiet=True)
+    assert s.extra["tasks"] == ["a", "b", "c"] and 0 < s.extra["size_ratio"] < 1
+    assert {"base", "factors", "store.json"} <= set(os.listdir(store))
+    sds = [_load(p) for p in fam]
+    from fastmerge.store import reconstruct
+
+    for t, name in enumerate(["a", "b", "c"]):
+        out = str(tmp_path / f"task-{name}")
+        reconstruct(store, name, out)
+        got = _load(out)
+        for k, b in sds[0].items():
+            tau = sds[t + 1][k].float() - b.float()
+            want = b.float() + (official_tsv_c(tau, 3) if b.dim() == 2 else tau)
+            assert _rel(got[k] - b, want - b) <= 1e-5, (name, k)
+        assert os.path.exists(os.path.join(out, "config.json"))
+
+
+@pytest.mark.parametrize(("extra", "gp", "match"), [
+    ({"svd": "qr"}, None, "fastmerge.svd"),
+    ({"svd_power_iters": -1}, None, "svd_power_iters"),
+    ({"exclude_keys": "text_projection"}, None, "exclude_keys"),
+    (None, {"common_fraction": 1.5}, "common_fraction"),
+    (None, {"density": 0.5}, "not a parameter of iso_cts"),
+])
+def test_config_errors(fam, tmp_path, extra, gp, match):
+    with pytest.raises(ConfigError, match=match):
+        fastmerge.merge(_cfg("iso_cts", fam, extra, gp), str(tmp_path / "o"), quiet=True)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_svd_options_rejected_for_other_methods(fam, tmp_path):
+    with pytest.raises(ConfigError, match="applies to the subspace methods"):
+        fastmerge.merge(_cfg("ties", fam, {"svd": "exact"}), str(tmp_path / "o"), quiet=True)
