@@ -38,6 +38,30 @@ def main(path: str) -> None:
             print(f"| {name} | {case} | {prov} | {t} | {b['extra_info'].get('gbps', '')} | {ratio('mergekit')} "
                   f"| {ratio('peft')} | {ratio('reference')} |")
     engine_section(data["benchmarks"])
+    subspace_section(data["benchmarks"])
+
+
+def subspace_section(benchmarks: list) -> None:
+    """bench_subspace.py / bench_doge.py: fastmerge paths against the official-style loop (speed-up, error)."""
+    rows = defaultdict(dict)
+    for b in benchmarks:
+        x = b["extra_info"]
+        if "speedup_vs_official" in x or x.get("provider") == "official":
+            rows[(x["op"], x.get("block", ""), x.get("T", ""))][x["provider"]] = x
+    if not rows:
+        return
+    provs = sorted({p for r in rows.values() for p in r if p != "official"})
+    print("\n## Against the official-style loop (same inputs, same run): wall time, speed-up, relative error\n")
+    print("| op | shape | T | official | " + " | ".join(provs) + " |")
+    print("|---|---|---|---|" + "---|" * len(provs))
+    for (op, block, T), r in sorted(rows.items()):
+        cells = []
+        for p in provs:
+            x = r.get(p)
+            cells.append("" if x is None else f"{x['wall_s']:.2f} s, **{x.get('speedup_vs_official', '?')}x**, "
+                                               f"err {x.get('err_vs_exact', '?')}")
+        off = r.get("official", {}).get("wall_s")
+        print(f"| {op} | {block} | {T} | {'' if off is None else f'{off:.2f} s'} | " + " | ".join(cells) + " |")
 
 
 def engine_section(benchmarks: list) -> None:
@@ -71,8 +95,8 @@ def engine_section(benchmarks: list) -> None:
         for method, p in sorted(rows.items()):
             mk, fm = p.get("mergekit", {}), p.get("fastmerge", {})
             tgt = fm.get("target") or {}
-            tgt_s = ", ".join(f"{'>=' if k == 'speedup' else '<='} {v}{'x' if k == 'speedup' else ' RSS'}"
-                              for k, v in tgt.items())
+            unit = {"speedup": (">=", "x"), "rss_ratio": ("<=", " RSS"), "max_wall_s": ("<=", " s wall")}
+            tgt_s = ", ".join(f"{unit[k][0]} {v}{unit[k][1]}" for k, v in tgt.items())
             other = "/".join(str(d.get("other_cpu_s", "")) for d in (mk, fm) if d)
             print(f"| {method} | {_s(mk.get('wall_s'))} | {_s(fm.get('wall_s'))} | {_s(fm.get('engine_s'))} "
                   f"| {_x(fm.get('speedup'))} | {_x(fm.get('speedup_ex_import'))} | {tgt_s} "

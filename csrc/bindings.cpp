@@ -44,6 +44,11 @@ PYBIND11_MODULE(_C, m) {
   FM_BIND_ALL(cpu)
   m.def("della_prune_cpu", &fastmerge::della_prune_cpu, py::arg("x"), py::arg("out"), py::arg("density"),
         py::arg("epsilon"), py::arg("seed"), py::arg("key"), py::arg("rescale"), NOGIL);
+  m.def("doge_grad_cpu", &fastmerge::doge_grad_cpu, py::arg("taus"), py::arg("a"), py::arg("d"), py::arg("out"),
+        NOGIL);
+  m.def("adam_step_cpu", &fastmerge::adam_step_cpu, py::arg("param"), py::arg("grad"), py::arg("exp_avg"),
+        py::arg("exp_avg_sq"), py::arg("scale"), py::arg("repeat"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("step"), NOGIL);
 #ifdef FASTMERGE_WITH_CUDA
   FM_BIND_ALL(cuda)
 #endif

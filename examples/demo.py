@@ -29,6 +29,9 @@ METHODS = [
     ("ties k=20% λ=1", "ties", {"density": 0.2, "weight": 1.0}, {"normalize": False, "lambda": 1.0}, {}),
     ("ties global k=20% λ=1", "ties", {"density": 0.2, "weight": 1.0}, {"normalize": False, "lambda": 1.0},
      {"fastmerge": {"trim": "global", "compat": "official"}}),
+    ("tsv_m α=1", "tsv_m", {}, {"alpha": 1.0}, {}),
+    ("iso_c α=1", "iso_c", {}, {"alpha": 1.0}, {}),
+    ("iso_cts α=1", "iso_cts", {}, {"alpha": 1.0}, {}),
 ]
 
 MERGE_CMD = [sys.executable, "-m", "fastmerge", "merge"]

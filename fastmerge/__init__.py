@@ -8,6 +8,7 @@ from . import consensus, ops, reference
 from .backends import NoBackendError
 from .consensus import breadcrumbs, dare, della, magnitude_prune, ties, ties_global
 from .ops import MagnitudeThreshold, magnitude_threshold, name_key
+from .svd_methods import iso_c_delta, iso_cts_delta, tsv_m_delta
 
 
 def merge(config, out_dir, **options):
@@ -32,6 +33,8 @@ __all__ = [
     "breadcrumbs",
     "consensus",
     "dare",
+    "iso_c_delta",
+    "iso_cts_delta",
     "della",
     "magnitude_prune",
     "magnitude_threshold",
@@ -42,4 +45,5 @@ __all__ = [
     "reference",
     "ties",
     "ties_global",
+    "tsv_m_delta",
 ]

@@ -30,6 +30,9 @@ SCHEMAS = {
     "emr_elect": "emr_elect(Tensor? base, Tensor[] experts, Tensor(a!) tau_uni, Tensor(b!) masks, "
     "Tensor(c!) stats) -> ()",
     "orth_project": "orth_project(Tensor x, Tensor u, Tensor(a!) out) -> ()",
+    "doge_grad": "doge_grad(Tensor taus, Tensor a, Tensor d, Tensor(a!) out) -> ()",
+    "adam_step": "adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor scale, "
+    "int repeat, float lr, float beta1, float beta2, float eps, int step) -> ()",
 }
 
 
@@ -156,6 +159,35 @@ def check(op: str, *a) -> None:
                lambda: f"u must be (B, m, k) = ({x.shape[0]}, {x.shape[1]}, k) like x, got {tuple(u.shape)}")
         _check(u.device == x.device, lambda: f"u is on {u.device}, x is on {x.device}")
         _same("out", out, x, "x")
+    elif op == "doge_grad":
+        taus, a, d, out = a
+        for name, t, dim in (("taus", taus, 4), ("a", a, 3), ("d", d, 3), ("out", out, 3)):
+            _check(t.dtype == torch.float32 and t.dim() == dim,
+                   lambda name=name, t=t, dim=dim: f"{name} must be a {dim}-D float32 tensor, got {t.dtype} "
+                   f"{tuple(t.shape)}")
+        B, T, M, N = taus.shape
+        _check(tuple(a.shape) == (B, T, M), lambda: f"a must have shape {(B, T, M)}, got {tuple(a.shape)}")
+        _check(tuple(d.shape) == (B, M, N), lambda: f"d must have shape {(B, M, N)}, got {tuple(d.shape)}")
+        _same("out", out, d, "d")
+        _check(a.device == taus.device and d.device == taus.device, lambda: "taus, a and d must share a device")
+    elif op == "adam_step":
+        param, grad, m1, m2, scale, repeat, lr, b1, b2, eps, step = a
+        for name, t in (("param", param), ("grad", grad), ("exp_avg", m1), ("exp_avg_sq", m2), ("scale", scale)):
+            _check(t.dtype == torch.float32, lambda name=name, t=t: f"{name} must be float32, got {t.dtype}")
+            _check(t.device == param.device,
+                   lambda name=name, t=t: f"{name} is on {t.device}, param is on {param.device}")
+        _same("exp_avg", m1, param, "param")
+        _same("exp_avg_sq", m2, param, "param")
+        S = scale.numel()
+        _check(scale.dim() == 1 and param.dim() >= 1 and param.shape[0] == S,
+               lambda: f"scale must be 1-D with one entry per slice of param (dim 0), got {tuple(scale.shape)} "
+               f"for param {tuple(param.shape)}")
+        _check(repeat >= 1 and S % repeat == 0 and grad.dim() == param.dim() and grad.shape[0] * repeat == S
+               and tuple(grad.shape[1:]) == tuple(param.shape[1:]),
+               lambda: f"grad must have shape ({S} / repeat, *param.shape[1:]) with repeat={repeat}, got "
+               f"{tuple(grad.shape)}")
+        _check(step >= 1, lambda: f"step must be >= 1, got {step}")
+        _check(0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, lambda: f"betas must lie in [0, 1), got ({b1}, {b2})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,6 +200,18 @@ def _contig(t):
 
 def _run(op: str, *a) -> None:
     check(op, *a)
+    if op == "doge_grad":
+        taus, a_, d, out = a
+        fn = select(op, taus.device, (taus.dtype,))
+        _into(out, lambda o: fn(_contig(taus), _contig(a_), _contig(d), o))
+        return
+    if op == "adam_step":
+        param, grad, m1, m2, scale, *rest = a
+        _check(param.is_contiguous() and m1.is_contiguous() and m2.is_contiguous(),
+               lambda: "adam_step updates param, exp_avg and exp_avg_sq in place: they must be contiguous")
+        fn = select(op, param.device, (param.dtype,))
+        fn(param, _contig(grad), m1, m2, _contig(scale), *rest)
+        return
     if op == "orth_project":
         x, u, out = a
         fn = select(op, x.device, (x.dtype, u.dtype, out.dtype))

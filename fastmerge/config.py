@@ -48,6 +48,7 @@ FASTMERGE_KEYS = {
     "svd_oversample": None,
     "svd_power_iters": None,
     "exclude_keys": None,
+    "doge_layers": ("auto", "official", "blocks"),
 }
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
 

@@ -576,6 +576,10 @@ class Engine:
                 self.plan()
             with OutputDir(out_dir) as od:
                 self.global_stats()
+                if self.method.prepare is not None:
+                    t0 = time.perf_counter()
+                    self.method.prepare(self)
+                    self.stages["stats"] += time.perf_counter() - t0
                 if self.method.store:
                     extra = store.write_store(self, od)
                     written = extra.pop("bytes_written")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import consensus, ops, svd_methods
+from . import consensus, doge, ops, svd_methods
 from .config import ConfigError, MergeConfig
 
 REQUIRED = object()
@@ -48,6 +48,7 @@ class Method:
     store: bool = False              # writes a multi-task store instead of one model
     doc: str = ""
     batch: Callable[[list[TensorCall]], list[torch.Tensor]] | None = None  # a stack of same-shape tensors at once
+    prepare: Callable[[Any], None] | None = None  # streaming statistics passes before the merge (gets the engine)
 
 
 @dataclass
@@ -361,6 +362,16 @@ METHODS: dict[str, Method] = {
                     batch=lambda calls: svd_methods.tsv_c_factors(
                         calls, svd_methods.options(calls[0].options, "tsv_c"))),
 }
+_DOGE_PARAMS = tuple(Param(k, SHARED, int if k in ("subspace", "steps") else float, v)
+                     for k, v in doge.DEFAULTS.items())
+METHODS["doge_ta"] = Method("doge_ta", _DOGE_PARAMS, lambda c: doge.merge_stack([c])[0], min_inputs=2,
+                            batch=doge.merge_stack, prepare=doge.stats,
+                            doc="DOGE: projected Adam on a shared modification of the task vectors, adaptive "
+                                "coefficients, global top-K masks")
+METHODS["doge_am"] = Method("doge_am", _DOGE_PARAMS, None, min_inputs=2, store=True, batch=doge.am_stack,
+                            prepare=doge.stats,
+                            doc="DOGE_AM: per-task modified task vectors (tau_i + Delta_i) * M_i, as a task-vector "
+                                "store")
 SUBSPACE = ("tsv_m", "iso_c", "iso_cts", "tsv_c")
 SUBSPACE_OPTIONS = ("svd", "svd_oversample", "svd_power_iters", "exclude_keys")
 GLOBAL_TRIM = ("ties", "magnitude_prune", "consensus_ties", "tall")
@@ -412,14 +423,24 @@ def validate(cfg: MergeConfig) -> None:
             d = model.parameters.get("density", cfg.parameters.get("density", 1.0 if m.name != "tall" else 0.2))
             if not isinstance(d, (int, float)) or isinstance(d, bool):
                 raise ConfigError(f"fastmerge.trim: global needs one density per model; {model.label} has {d!r}")
-    if m.name in SUBSPACE:
+    if m.name in ("doge_ta", "doge_am"):
+        doge.options(cfg.options)
+        for k in ("steps", "subspace"):
+            v = cfg.parameters.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"parameters.{k}: expected an integer >= 1, got {v!r}")
+        d = cfg.parameters.get("density")
+        if d is not None and not (isinstance(d, (int, float)) and 0 < d <= 1):
+            raise ConfigError(f"parameters.density: expected a fraction in (0, 1], got {d!r}")
+    elif m.name in SUBSPACE:
         svd_methods.check_config(cfg)
         for model in cfg.models:
             fr = model.parameters.get("common_fraction", cfg.parameters.get("common_fraction"))
             if fr is not None and not (isinstance(fr, (int, float)) and 0 < fr <= 1):
                 raise ConfigError(f"parameters.common_fraction: expected a number in (0, 1], got {fr!r}")
     else:
-        given = [k for k in SUBSPACE_OPTIONS if k in cfg.options]
+        given = [k for k in SUBSPACE_OPTIONS if k in cfg.options and not (k == "svd" and m.name.startswith("doge"))]
+        given += [k for k in ("doge_layers",) if k in cfg.options and not m.name.startswith("doge")]
         if given:
             raise ConfigError(f"fastmerge.{given[0]}: applies to the subspace methods ({', '.join(SUBSPACE)}), "
                               f"not {m.name}")

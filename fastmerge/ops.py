@@ -353,3 +353,19 @@ def orth_project(x: torch.Tensor, u: torch.Tensor, *, out_dtype: torch.dtype | N
     out = empty(xs.shape, dt, x.device)
     torch.ops.fastmerge.orth_project(xs, us, out)
     return out.reshape(*lead, *x.shape[-2:])
+
+
+def doge_grad(taus: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """-2 sum_j (a_j - rowdot(tau_j, d)) tau_j per stack member: DOGE's loss gradient core (fp32, (B, m, n))."""
+    out = empty(d.shape, torch.float32, d.device)
+    torch.ops.fastmerge.doge_grad(taus, a, d, out)
+    return out
+
+
+def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+              scale: torch.Tensor, *, repeat: int = 1, lr: float, beta1: float = 0.9, beta2: float = 0.999,
+              eps: float = 1e-8, step: int) -> None:
+    """In place: torch.optim.Adam's update of every slice of param (S, ...), slice s with gradient
+    scale[s] * grad[s // repeat]: one fused pass instead of Adam's six."""
+    torch.ops.fastmerge.adam_step(param, grad, exp_avg, exp_avg_sq, scale, int(repeat), float(lr), float(beta1),
+                                  float(beta2), float(eps), int(step))

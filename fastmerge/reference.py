@@ -368,3 +368,26 @@ def orth_project(x: torch.Tensor, u: torch.Tensor, out_dtype: torch.dtype | None
     dt = torch.float64 if torch.float64 in (x.dtype, u.dtype) else torch.float32
     xf, uf = x.to(dt), u.to(dt)
     return (xf - uf @ (uf.mT @ xf)).to(out_dtype or x.dtype)
+
+
+def doge_grad(taus: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """DOGE's closed-form gradient core, per stack member b and row r:
+    -2 * sum_j (a[b, j, r] - <taus[b, j, r, :], d[b, r, :]>) * taus[b, j, r, :]; fp32 (B, m, n)."""
+    t = taus.float()
+    e = torch.einsum("btmn,bmn->btm", t.double(), d.double()).float()
+    return -2.0 * torch.einsum("btm,btmn->bmn", a.float() - e, t)
+
+
+def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+              scale: torch.Tensor, repeat: int, lr: float, beta1: float, beta2: float, eps: float,
+              step: int) -> None:
+    """In place: torch.optim.Adam's single-tensor update (no weight decay, no amsgrad) of the S slices of
+    ``param`` (S, ...), slice s with gradient scale[s] * grad[s // repeat]."""
+    S = scale.numel()
+    g = grad.repeat_interleave(repeat, 0) * scale.reshape(S, *([1] * (param.dim() - 1))).to(grad)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))

@@ -16,6 +16,9 @@ A TSV-C store has ``factors/`` instead of ``shared/`` and ``masks/``: per matrix
 triplets as ``NAME.U`` (T, m, k), ``NAME.S`` (T, k, fp32) and ``NAME.Vh`` (T, k, n); per other floating tensor
 the task vectors ``NAME.tau`` (T, *shape). Task t's model is ``base + U_t diag(S_t) Vh_t`` (``+ tau_t``), which
 costs T k (m + n + 1) values per matrix: about one model in all for any T, instead of T.
+
+A task-vector store (``doge_am``) has ``task_vectors/``: per floating tensor the T task vectors as one
+(T, *shape) tensor; task t's model is ``base + tau_t``. fastmerge's AdaMerging reads it directly.
 """
 
 from __future__ import annotations
@@ -127,12 +130,52 @@ def write_tsvc_store(engine, od: OutputDir) -> dict:
                         ranks_per_task=sorted(set(ranks.values())))
 
 
+def write_task_vector_store(engine, od: OutputDir) -> dict:
+    """Stream stacks of same-shape tensors through the method's ``batch`` (which gives (T, *shape) task vectors
+    per tensor) into task_vectors/."""
+    from .engine import Group
+
+    cfg, jobs = engine.cfg, engine.jobs
+    names = _task_names(cfg)
+    T = len(names)
+    bi = cfg.models.index(cfg.base)
+    base_layout = [(j.name, (cfg.dtype or j.sources[bi].dtype) if j.floating else j.out_dtype, j.shape) for j in jobs]
+    tv_layout = [(j.name, j.out_dtype, (T, *j.shape)) for j in jobs if j.floating]
+    wb = ShardedWriter(od.sub("base"), base_layout, engine.out_shard_bytes)
+    wt = ShardedWriter(od.sub("task_vectors"), tv_layout, engine.out_shard_bytes)
+
+    def one(unit, tensors):
+        group = unit.jobs if isinstance(unit, Group) else (unit,)
+        tensors = tensors if isinstance(unit, Group) else [tensors]
+        items = [(wb, j.name, ts[bi]) for j, ts in zip(group, tensors, strict=True)]
+        fl = [(j, ts) for j, ts in zip(group, tensors, strict=True) if j.floating]
+        if fl:
+            vecs = engine.method.batch([engine._call(j, ts) for j, ts in fl])
+            items += [(wt, j.name, v.to(j.out_dtype)) for (j, _), v in zip(fl, vecs, strict=True)]
+        return items
+
+    def write(items):
+        for w, name, t in items:
+            w.write(name, t.contiguous())
+
+    try:
+        engine.stream(engine.units(), one, f"{cfg.method} store", write=write)
+        for w in (wb, wt):
+            w.finish()
+    finally:
+        for w in (wb, wt):
+            w.close()
+    return _finish_meta(engine, od, names, [1.0] * T, wb.bytes_written + wt.bytes_written, kind="task_vectors")
+
+
 def write_store(engine, od: OutputDir) -> dict:
     """Stream the engine's jobs into a store inside ``od`` (called by Engine.run)."""
     from . import methods
 
     if engine.cfg.method == "tsv_c":
         return write_tsvc_store(engine, od)
+    if engine.cfg.method == "doge_am":
+        return write_task_vector_store(engine, od)
 
     cfg, jobs = engine.cfg, engine.jobs
     names = _task_names(cfg)
@@ -204,7 +247,8 @@ def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size
         raise ValueError(f"task {task!r} is not in the store; it has {tasks}")
     scale = float(meta["scales"][t])
     tsvc = meta.get("method") == "tsv_c"
-    parts = ("base", "factors") if tsvc else ("base", "shared", "masks")
+    tv = meta.get("kind") == "task_vectors"
+    parts = ("base", "factors") if tsvc else ("base", "task_vectors") if tv else ("base", "shared", "masks")
     cks = [Checkpoint(os.path.join(store_dir, p), name=f"store {p}") for p in parts]
     base = cks[0]
     names = sorted(base.tensors.values(), key=lambda ti: (ti.file, ti.start))
@@ -218,6 +262,9 @@ def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size
                     x = base.read(ti.name)
                     if tsvc:
                         x = _tsvc_task(cks[1], ti.name, t, x)
+                    elif tv:
+                        if ti.name in cks[1]:
+                            x = (x.float() + cks[1].read(ti.name)[t].float()).to(ti.dtype)
                     elif ti.name in cks[1]:
                         shared, masks = cks[1], cks[2]
                         n = x.numel()

@@ -119,32 +119,49 @@ def _eigh_desc(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:, -k:].flip(-1), v[:, :, -k:].flip(-1)
 
 
-def _topk_gram(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of (B, m, n) from the fp64 Gram of the smaller side; fp64 results.
-    Singular values at round-off level get zero vectors (an SVD would return arbitrary orthonormal ones)."""
+def _work(a: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs that apply eigenvectors run in: fp64 for fp64 inputs, else fp32 (only the Gram
+    matrices and the eigensolvers need fp64; applying their result is an ordinary, well-conditioned GEMM)."""
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """fp64 A^T A of a tall stack (B, m, n), m >= n. Much taller than wide (m >= 2n), A is first reduced to its
+    triangular factor by a Householder QR in A's precision (backward stable, so the singular values move by
+    eps |A|, as in an SVD of A) and only the n x n factor is squared in fp64: half the flops, in fp32."""
+    m, n = a.shape[-2:]
+    if m >= 2 * n and a.dtype != torch.float64:
+        r = torch.linalg.qr(a.float(), mode="r").R.double()
+        return r.mT @ r
     ad = a.double()
-    m, n = ad.shape[-2:]
+    return ad.mT @ ad
+
+
+def _topk_gram(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets of (B, m, n) from the fp64 Gram of the smaller side. Singular values at
+    round-off level get zero vectors (an SVD would return arbitrary orthonormal ones)."""
+    m, n = a.shape[-2:]
     tall = m >= n
-    g = ad.mT @ ad if tall else ad @ ad.mT
-    w, v = _eigh_desc(g, k)
+    at = a if tall else a.mT
+    w, v = _eigh_desc(_gram(at), k)
     s = w.clamp_min(0).sqrt()
     tol = s[:, :1] * (max(m, n) * torch.finfo(torch.float64).eps * 8)
     inv = torch.where(s > tol, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
-    if tall:
-        return (ad @ v) * inv.unsqueeze(1), s, v.mT
-    return v, s, (v.mT @ ad) * inv.unsqueeze(2)
+    dt = _work(a)
+    u = (at.to(dt) @ v.to(dt)) * inv.to(dt).unsqueeze(1)
+    return (u, s, v.mT) if tall else (v, s, u.mT)
 
 
 def _polar_gram(x: torch.Tensor, with_nuclear: bool = False):
-    """(B, m, r) with m >= r: X (X^T X)^(-1/2) in fp64 (pseudo-inverse on round-off eigenvalues); optionally
-    also the sum of X's singular values (its nuclear norm)."""
-    xd = x.double()
-    g = xd.mT @ xd
-    w, q = torch.linalg.eigh(g)
+    """(B, m, r) with m >= r: X (X^T X)^(-1/2) (pseudo-inverse on round-off eigenvalues): the Gram and its
+    eigendecomposition in fp64, then one GEMM with the r x r factor; optionally also the sum of X's singular
+    values (its nuclear norm)."""
+    w, q = torch.linalg.eigh(_gram(x))
     tol = w[:, -1:].clamp_min(0) * (x.shape[-2] * torch.finfo(torch.float64).eps * 8)
     pos = w > tol
     inv = torch.where(pos, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
-    p = (xd @ q) * inv.unsqueeze(1) @ q.mT
+    dt = _work(x)
+    p = x.to(dt) @ ((q * inv.unsqueeze(1)) @ q.mT).to(dt)
     if with_nuclear:
         return p, torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w)).sum(-1)
     return p

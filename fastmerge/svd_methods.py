@@ -60,12 +60,8 @@ def is_matrix(name: str, shape: tuple[int, ...], opts: dict[str, Any]) -> bool:
     return len(shape) == 2 and min(shape) > 0 and not any(s in name for s in opts["exclude"])
 
 
-def _svd_kw(o: dict[str, Any]) -> dict[str, Any]:
-    return {"mode": o["mode"], "oversample": o["oversample"], "power_iters": o["power_iters"]}
-
-
-def _polar_mode(o: dict[str, Any]) -> str:
-    return "exact" if o["mode"] == "exact" else "fast"
+def _polar(mode: str) -> str:
+    return "exact" if mode == "exact" else "fast"
 
 
 def task_stack(calls) -> torch.Tensor:
@@ -73,7 +69,7 @@ def task_stack(calls) -> torch.Tensor:
     out = []
     for c in calls:
         b = c.base.float()
-        out.append(torch.stack([(x.float() - b) * float(p["weight"]) for x, p in
+        out.append(torch.stack([(x.float() - b) * float(p.get("weight", 1.0)) for x, p in
                                 zip(c.experts, c.expert_params, strict=True)]))
     return torch.stack(out)
 
@@ -106,49 +102,73 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
     return (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
 
 
-def tsv_m(calls, o: dict[str, Any]) -> list[torch.Tensor]:
-    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
-        return _mean(calls)
-    taus = task_stack(calls)
-    G, T, m, n = taus.shape
+def tsv_m_delta(taus: torch.Tensor, *, mode: str = "fast", oversample: int | None = None,
+                power_iters: int = 2) -> torch.Tensor:
+    """TSV-M's merged update of stacks of task matrices: taus (..., T, m, n) -> (..., m, n) fp32 (alpha not
+    applied). ``mode``: exact | fast | randomized (fastmerge.subspace)."""
+    lead, (T, m, n) = taus.shape[:-3], taus.shape[-3:]
+    t = taus.reshape(-1, T, m, n).float()
+    G = t.shape[0]
     k = subspace.tsv_pack_sizes(min(m, n), T)
-    u, s, vh = subspace.svd_topk(taus.reshape(G * T, m, n), k, **_svd_kw(o))
+    u, s, vh = subspace.svd_topk(t.reshape(G * T, m, n), k, mode=mode, oversample=oversample,
+                                 power_iters=power_iters)
     U, S, V = _pack(u.reshape(G, T, m, k), s.reshape(G, T, k), vh.reshape(G, T, k, n))
     pad = min(m, n) - T * k
-    if o["mode"] == "exact" and pad:  # the official code's zero slots (they change only the rounding)
+    if mode == "exact" and pad:  # the official code's zero slots (they change only the rounding)
         U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, 0, 0, pad))
         S = torch.nn.functional.pad(S, (0, pad))
-    return _finish(calls, _orthogonalise(U, S, V, _polar_mode(o)))
+    return _orthogonalise(U, S, V, _polar(mode)).reshape(*lead, m, n)
 
 
-def iso_c(calls, o: dict[str, Any]) -> list[torch.Tensor]:
-    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
-        return _mean(calls)
-    total = task_stack(calls).sum(1)
-    p, nuc = subspace.polar(total, mode=_polar_mode(o), nuclear=True)
-    r = min(total.shape[-2:])
-    return _finish(calls, p * (nuc / r)[:, None, None])
+def iso_c_delta(taus: torch.Tensor, *, mode: str = "fast") -> torch.Tensor:
+    """Iso-C's update: mean singular value x polar factor of the sum; taus (..., T, m, n) -> (..., m, n)."""
+    total = taus.float().sum(-3)
+    p, nuc = subspace.polar(total, mode=_polar(mode), nuclear=True)
+    return p * (nuc / min(total.shape[-2:]))[..., None, None]
 
 
-def iso_cts(calls, o: dict[str, Any]) -> list[torch.Tensor]:
-    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
-        return _mean(calls)
-    taus = task_stack(calls)
-    G, T, m, n = taus.shape
-    r = min(m, n)
-    kc, st = subspace.iso_cts_sizes(r, T, float(calls[0].shared["common_fraction"]))
-    kw = _svd_kw(o)
-    uc, sc, vhc = subspace.svd_topk(taus.sum(1), kc, **kw)
+def iso_cts_delta(taus: torch.Tensor, *, common_fraction: float = 0.8, mode: str = "fast",
+                  oversample: int | None = None, power_iters: int = 2) -> torch.Tensor:
+    """Iso-CTS's update; taus (..., T, m, n) -> (..., m, n) fp32."""
+    lead, (T, m, n) = taus.shape[:-3], taus.shape[-3:]
+    t = taus.reshape(-1, T, m, n).float()
+    G = t.shape[0]
+    kc, st = subspace.iso_cts_sizes(min(m, n), T, common_fraction)
+    kw = {"mode": mode, "oversample": oversample, "power_iters": power_iters}
+    uc, sc, vhc = subspace.svd_topk(t.sum(1), kc, **kw)
     if st:
         uc_t = uc.unsqueeze(1).expand(G, T, m, kc).reshape(G * T, m, kc)
-        resid = subspace.project_out(taus.reshape(G * T, m, n), uc_t)
+        resid = subspace.project_out(t.reshape(G * T, m, n), uc_t)
         ut, stv, vht = subspace.svd_topk(resid, st, **kw)
         U, S, V = _pack(ut.reshape(G, T, m, st), stv.reshape(G, T, st), vht.reshape(G, T, st, n))
         U, S, V = torch.cat([U, uc], 2), torch.cat([S, sc], 1), torch.cat([V, vhc], 1)
     else:
         U, S, V = uc, sc, vhc
     mean = S.mean(1, keepdim=True).expand_as(S)
-    return _finish(calls, _orthogonalise(U, mean, V, _polar_mode(o)))
+    return _orthogonalise(U, mean, V, _polar(mode)).reshape(*lead, m, n)
+
+
+def _kw(o: dict[str, Any]) -> dict[str, Any]:
+    return {"mode": o["mode"], "oversample": o["oversample"], "power_iters": o["power_iters"]}
+
+
+def tsv_m(calls, o: dict[str, Any]) -> list[torch.Tensor]:
+    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
+        return _mean(calls)
+    return _finish(calls, tsv_m_delta(task_stack(calls), **_kw(o)))
+
+
+def iso_c(calls, o: dict[str, Any]) -> list[torch.Tensor]:
+    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
+        return _mean(calls)
+    return _finish(calls, iso_c_delta(task_stack(calls), mode=o["mode"]))
+
+
+def iso_cts(calls, o: dict[str, Any]) -> list[torch.Tensor]:
+    if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
+        return _mean(calls)
+    fr = float(calls[0].shared["common_fraction"])
+    return _finish(calls, iso_cts_delta(task_stack(calls), common_fraction=fr, **_kw(o)))
 
 
 def tsv_c_factors(calls, o: dict[str, Any]):
@@ -162,7 +182,7 @@ def tsv_c_factors(calls, o: dict[str, Any]):
         return [tuple([taus[g]]) for g in range(G)]
     m, n = shape
     k = tsv_c_rank(min(m, n), T)
-    u, s, vh = subspace.svd_topk(taus.reshape(G * T, m, n), k, **_svd_kw(o))
+    u, s, vh = subspace.svd_topk(taus.reshape(G * T, m, n), k, **_kw(o))
     u, s, vh = u.reshape(G, T, m, k), s.reshape(G, T, k), vh.reshape(G, T, k, n)
     return [(u[g], s[g], vh[g]) for g in range(G)]
 

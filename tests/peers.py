@@ -190,3 +190,66 @@ def official_tsv_c(tau, T):
     k = min(m, n) // T
     u, s, vh = torch.linalg.svd(tau, full_matrices=False)
     return u[:, :k] @ torch.diag(s[:k]) @ vh[:k, :]
+
+
+# ---- DOGE (FusionBench doge_ta / doge_am, written line by line from the spec): one layer after the other,
+# autograd on the row-wise loss, a fresh Adam per layer, the m x m projector P = B B^T ----------------------
+def _doge_basis(vs, rank_of):
+    T = len(vs)
+    m, _ = vs[0].shape
+    u_bar = None
+    for i, v in enumerate(vs):
+        u, s, _ = torch.linalg.svd(v, full_matrices=False)
+        r = s.shape[0]
+        k = int(r * (1 / T))
+        if u_bar is None:
+            u_bar = torch.zeros(m, r)
+        u_bar[:, i * k:(i + 1) * k] = u[:, :k]
+    u_u = torch.linalg.svd(u_bar, full_matrices=False)[0]
+    b = u_u[:, :rank_of(r)]
+    return b @ b.T
+
+
+def _doge_loss(vs, sum_vec, sum_delta):
+    return sum(((-v * sum_vec - v * sum_delta + v * v).sum(dim=1)).pow(2).sum() for v in vs)
+
+
+def official_doge(base_sd, task_sds, keys, *, per_task=False, eta=0.07, K=0.30, subspace=6, lr=1e-4, steps=400):
+    """Returns (merged state dict for doge_ta | modified task vectors {key: [T tensors]} for doge_am, deltas)."""
+    T = len(task_sds)
+    keys = sorted(keys)
+    taus = {k: [sd[k].float() - base_sd[k].float() for sd in task_sds] for k in keys}
+    lams = {k: [(eta / v.norm()) if float(v.norm()) > 0 else torch.tensor(0.0) for v in taus[k]] for k in keys}
+    deltas = {}
+    for k in keys:
+        vs = taus[k]
+        P = _doge_basis(vs, (lambda r: int(r / T)) if per_task else (lambda r: int(r / subspace)))
+        lam = lams[k]
+        sum_vec = sum(la * v for la, v in zip(lam, vs, strict=True))
+        if per_task:
+            ds = [torch.zeros_like(vs[0], requires_grad=True) for _ in range(T)]
+        else:
+            ds = [torch.zeros_like(vs[0], requires_grad=True)]
+        opt = torch.optim.Adam(ds, lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            sum_delta = sum(la * d for la, d in zip(lam, ds, strict=True)) if per_task else sum(lam) * ds[0]
+            _doge_loss(vs, sum_vec, sum_delta).backward()
+            for d in ds:
+                d.grad -= P @ d.grad
+            opt.step()
+        deltas[k] = [d.detach() for d in ds]
+    masks = {}
+    for i in range(T):
+        flat = torch.cat([taus[k][i].reshape(-1) for k in keys]).abs()
+        d = flat.numel()
+        thr = flat.kthvalue(d - int(d * K)).values
+        for k in keys:
+            masks[(k, i)] = taus[k][i].abs() >= thr
+    if per_task:
+        return {k: [(taus[k][i] + deltas[k][i]) * masks[(k, i)] for i in range(T)] for k in keys}, deltas
+    merged = {k: v.float().clone() for k, v in base_sd.items()}
+    for k in keys:
+        merged[k] = base_sd[k].float() + sum(lams[k][i] * ((taus[k][i] + deltas[k][0]) * masks[(k, i)])
+                                             for i in range(T))
+    return merged, deltas

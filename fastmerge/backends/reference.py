@@ -67,3 +67,11 @@ def _name(table: dict[str, int], code: int) -> str:
 
 def orth_project(x, u, out):
     out.copy_(ref.orth_project(x, u, out.dtype))
+
+
+def doge_grad(taus, a, d, out):
+    out.copy_(ref.doge_grad(taus, a, d))
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step):
+    ref.adam_step(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step)

@@ -20,6 +20,8 @@ OPS = (
     "consensus_merge",
     "emr_elect",
     "orth_project",
+    "doge_grad",
+    "adam_step",
 )
 _HALF = frozenset({torch.float32, torch.float16, torch.bfloat16})
 REBUILD = "pip install --no-build-isolation -e ."
@@ -89,15 +91,16 @@ BACKENDS: dict[str, Backend] = {
     "cpp": Backend("cpp", "fastmerge.backends.cpp", ("cpu",), _HALF, _ALL),
     # orth_project: on the CPU the two GEMMs of MKL/OpenBLAS (through ATen) are the kernel, on CUDA the fused
     # Triton kernel is (a hand-written CUDA GEMM would not beat either)
-    "cuda": Backend("cuda", "fastmerge.backends.cuda", ("cuda",), _HALF, _ALL - {"della_prune", "orth_project"},
-                    max_experts=64),
+    # (the same for the DOGE step: its Triton kernels are the GPU path)
+    "cuda": Backend("cuda", "fastmerge.backends.cuda", ("cuda",), _HALF,
+                    _ALL - {"della_prune", "orth_project", "doge_grad", "adam_step"}, max_experts=64),
     "triton": Backend(
         "triton",
         "fastmerge.backends.triton",
         ("cuda", "cpu"),
         _HALF,
         frozenset({"abs_histogram", "prune", "ties_merge", "tall_masks", "consensus_merge", "emr_elect",
-                   "orth_project"}),
+                   "orth_project", "doge_grad", "adam_step"}),
     ),
     "reference": Backend(
         "reference", "fastmerge.backends.reference", ("cpu", "cuda", "mps", "xpu"), _HALF | {torch.float64}, _ALL

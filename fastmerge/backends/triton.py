@@ -17,6 +17,8 @@ _MODULES = {
     "consensus_merge": "consensus",
     "emr_elect": "emr",
     "orth_project": "orth_project",
+    "doge_grad": "doge",
+    "adam_step": "doge",
 }
 
 
@@ -53,3 +55,11 @@ def emr_elect(base, experts, tau_uni, masks, stats):
 
 def orth_project(x, u, out):
     _launcher("orth_project")(x, u, out)
+
+
+def doge_grad(taus, a, d, out):
+    _launcher("doge_grad")(taus, a, d, out)
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step):
+    _launcher("adam_step")(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step)

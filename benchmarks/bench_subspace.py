@@ -1,0 +1,126 @@
+"""The subspace methods against the official-style loop (one key at a time, a torch.linalg.svd per matrix and
+per task plus two per key for the orthogonalisation, as the TSV and Iso code do), side by side in one run, on
+one transformer block of ViT-B/32, ViT-L/14 and a Llama-shaped model (hidden 1024), with 8 and 20 tasks.
+
+Task vectors are low-rank plus noise with a decaying spectrum (fixed seed). Every fastmerge case records
+its relative error against the exact result (``err_vs_exact``, worst matrix of the block) and the speed-up
+over the official-style loop measured in the same run. A second case uses the real task vectors of the
+`make demo` MiniLM experts, when their cache exists.
+
+    .venv/bin/python -m pytest benchmarks/bench_subspace.py -m benchmark -o addopts="" -q
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import peers
+import pytest
+import torch
+
+from fastmerge import svd_methods
+
+BLOCKS = {  # one transformer block's 2-D weights
+    "vit_b32": [(2304, 768), (768, 768), (3072, 768), (768, 3072)],
+    "vit_l14": [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)],
+    "llama1024": [(1024, 1024)] * 4 + [(2752, 1024)] * 2 + [(1024, 2752)],
+}
+CASES = [(b, t) for b in BLOCKS for t in (8, 20)]
+OFFICIAL = {"tsv_m": peers.official_tsv_m, "iso_c": peers.official_iso_c, "iso_cts": peers.official_iso_cts}
+FAST = {"tsv_m": svd_methods.tsv_m_delta, "iso_c": svd_methods.iso_c_delta, "iso_cts": svd_methods.iso_cts_delta}
+_runs: dict[tuple, dict] = {}
+
+
+def task_vectors(shape, T, seed=0, rank=48, noise=0.05):
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    s = torch.arange(1, rank + 1, dtype=torch.float32) ** -0.7
+    shared = (torch.randn(m, rank, generator=g) * s) @ torch.randn(rank, n, generator=g) / math.sqrt(m * n)
+    out = [0.3 * shared * math.sqrt(m * n) / rank
+           + (torch.randn(m, rank, generator=g) * s) @ torch.randn(rank, n, generator=g) / math.sqrt(rank)
+           + noise * torch.randn(m, n, generator=g) for _ in range(T)]
+    return torch.stack(out) * 1e-3
+
+
+def _stacks(block, T):
+    """The block's task vectors grouped by shape: {shape: (G, T, m, n)}."""
+    by: dict[tuple, list] = {}
+    for i, shape in enumerate(BLOCKS[block]):
+        by.setdefault(shape, []).append(task_vectors(shape, T, seed=i))
+    return {s: torch.stack(v) for s, v in by.items()}
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize(("block", "T"), CASES, ids=[f"{b}-T{t}" for b, t in CASES])
+@pytest.mark.parametrize("provider", ["official", "fast", "randomized"])
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c"])
+def test_block(benchmark, method, provider, block, T):
+    if method == "iso_c" and provider == "randomized":
+        pytest.skip("Iso-C uses every singular direction: no truncated SVD to randomize")
+    stacks = _stacks(block, T)
+    if provider == "official":
+        def run():
+            return {s: torch.stack([OFFICIAL[method](list(taus)) for taus in st]) for s, st in stacks.items()}
+    else:
+        kw = {"mode": provider} if method == "iso_c" else {"mode": provider, "power_iters": 2}
+
+        def run():
+            return {s: FAST[method](st, **kw) for s, st in stacks.items()}
+
+    out = benchmark.pedantic(run, rounds=1 if provider == "official" else 2, iterations=1, warmup_rounds=0)
+    key = (method, block, T)
+    wall = benchmark.stats.stats.median
+    info = {"provider": provider, "op": f"{method}_block", "block": block, "T": T, "wall_s": round(wall, 3),
+            "matrices": len(BLOCKS[block]), "threads": torch.get_num_threads()}
+    if provider == "official":
+        _runs[key] = {"wall": wall, "out": out}
+    elif key in _runs:
+        ref = _runs[key]
+        info["speedup_vs_official"] = round(ref["wall"] / wall, 2)
+        info["err_vs_exact"] = float(f"{max(_rel(out[s], ref['out'][s]) for s in out):.3g}")
+    benchmark.extra_info.update(info)
+
+
+def _demo_experts():
+    root = os.path.expanduser(os.environ.get("FASTMERGE_DEMO_CACHE", "~/.cache/fastmerge-demo"))
+    base = glob.glob(os.path.join(root, "base-*", "model.safetensors"))
+    experts = sorted(glob.glob(os.path.join(root, "experts", "*", "model.safetensors")))
+    return (base[0] if base else None), experts
+
+
+@pytest.mark.parametrize("provider", ["official", "fast", "randomized"])
+def test_minilm_real_task_vectors(benchmark, provider):
+    """TSV-M over the 36 block matrices of the `make demo` MiniLM experts (real task vectors)."""
+    from safetensors.torch import load_file
+
+    base_path, experts = _demo_experts()
+    if base_path is None or len(experts) < 2:
+        pytest.skip("run `make demo` first: it caches the MiniLM experts")
+    base = load_file(base_path)
+    sds = [load_file(p) for p in experts]
+    keys = [k for k, v in base.items() if v.dim() == 2 and "embeddings" not in k and "pooler" not in k]
+    by: dict[tuple, list] = {}
+    for k in keys:
+        by.setdefault(tuple(base[k].shape), []).append(torch.stack([sd[k].float() - base[k].float() for sd in sds]))
+    stacks = {s: torch.stack(v) for s, v in by.items()}
+    if provider == "official":
+        def run():
+            return {s: torch.stack([peers.official_tsv_m(list(t)) for t in st]) for s, st in stacks.items()}
+    else:
+        def run():
+            return {s: svd_methods.tsv_m_delta(st, mode=provider) for s, st in stacks.items()}
+    out = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    wall = benchmark.stats.stats.median
+    info = {"provider": provider, "op": "tsv_m_minilm", "T": len(sds), "matrices": len(keys), "wall_s": round(wall, 3)}
+    if provider == "official":
+        _runs["minilm"] = {"wall": wall, "out": out}
+    elif "minilm" in _runs:
+        ref = _runs["minilm"]
+        info["speedup_vs_official"] = round(ref["wall"] / wall, 2)
+        info["err_vs_exact"] = float(f"{max(_rel(out[s], ref['out'][s]) for s in out):.3g}")
+    benchmark.extra_info.update(info)

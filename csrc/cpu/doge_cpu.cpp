@@ -1,0 +1,73 @@
+// DOGE's optimisation step on the CPU (fp32): the closed-form gradient of the row-wise loss, and a fused Adam
+// update with one gradient scale per slice. Semantics: fastmerge/reference.py (doge_grad, adam_step).
+#include "common.h"
+
+namespace fastmerge {
+
+// out[b, r, :] = -2 * sum_j (a[b, j, r] - <taus[b, j, r, :], d[b, r, :]>) * taus[b, j, r, :]
+// One task's row is read from memory once: the T rows of a matrix row (T * n floats) stay in cache between
+// the dot products and the accumulation.
+void doge_grad_cpu(const at::Tensor& taus, const at::Tensor& a, const at::Tensor& d, at::Tensor& out) {
+  const int64_t B = taus.size(0), T = taus.size(1), M = taus.size(2), N = taus.size(3);
+  const float* tp = taus.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* dp = d.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> coef(static_cast<size_t>(T));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / M, r = row % M;
+      const float* drow = dp + (b * M + r) * N;
+      for (int64_t j = 0; j < T; ++j) {
+        const float* trow = tp + ((b * T + j) * M + r) * N;
+        double dot = 0.0;
+        for (int64_t c = 0; c < N; ++c) dot += static_cast<double>(trow[c]) * drow[c];
+        coef[j] = -2.0f * (ap[(b * T + j) * M + r] - static_cast<float>(dot));
+      }
+      float* orow = op + (b * M + r) * N;
+      std::fill(orow, orow + N, 0.0f);
+      for (int64_t j = 0; j < T; ++j) {
+        const float* trow = tp + ((b * T + j) * M + r) * N;
+        const float cj = coef[j];
+        for (int64_t c = 0; c < N; ++c) orow[c] += cj * trow[c];
+      }
+    }
+  });
+}
+
+// PyTorch's Adam (single-tensor path, no weight decay, no amsgrad) on the S slices of param (S, inner), slice
+// s taking the gradient scale[s] * grad[s / repeat] (grad: S / repeat slices):
+// m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+void adam_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                   const at::Tensor& scale, int64_t repeat, double lr, double beta1, double beta2, double eps,
+                   int64_t step) {
+  const int64_t n = param.numel();
+  const int64_t S = scale.numel();
+  const int64_t inner = S ? n / S : 0;
+  float* p = param.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
+  const float w1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2);
+  const float w2 = static_cast<float>(1.0 - beta2);
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const float step_size = static_cast<float>(lr / bc1);
+  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t slice = i / inner;
+      const float gi = s[slice] * g[(slice / repeat) * inner + (i - slice * inner)];
+      const float mi = w1 < 0.5f ? m[i] + w1 * (gi - m[i]) : gi - (gi - m[i]) * (1.0f - w1);
+      const float vi = v[i] * b2 + w2 * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = p[i] + (-step_size) * (mi / (std::sqrt(vi) / bc2_sqrt + e));
+    }
+  });
+}
+
+}  // namespace fastmerge

@@ -1,0 +1,238 @@
+"""DOGE: the fused step kernels on every backend against their oracles, the batched closed-form optimiser
+against the sequential autograd reference written from the spec (tests/peers.py), and doge_ta / doge_am
+through `fastmerge merge`."""
+
+import os
+
+import pytest
+import torch
+from _backends import NATIVE, backend_device
+from _models import save_hf
+from peers import official_doge
+from safetensors.torch import load_file
+
+import fastmerge
+from fastmerge import doge, ops
+from fastmerge import reference as ref
+from fastmerge.backends import get_backend
+from fastmerge.config import ConfigError
+
+
+def _dev(name):
+    d = backend_device(name)
+    if d is None:
+        pytest.skip(f"backend {name} cannot run here")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 5), (3, 2, 33, 130), (1, 5, 4, 9000)], ids=str)
+def test_doge_grad_backends(backend, shape):
+    dev = _dev(backend)
+    g = torch.Generator().manual_seed(sum(shape))
+    B, T, M, N = shape
+    taus = torch.randn(B, T, M, N, generator=g)
+    a = torch.randn(B, T, M, generator=g)
+    d = torch.randn(B, M, N, generator=g) * 0.1
+    out = torch.empty(B, M, N, device=dev)
+    get_backend(backend).fn("doge_grad")(taus.to(dev), a.to(dev), d.to(dev), out)
+    torch.testing.assert_close(out.cpu(), ref.doge_grad(taus, a, d), rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize(("S", "repeat", "inner"), [(1, 1, 1), (3, 1, 1001), (6, 3, 37), (4, 4, 5)])
+def test_adam_step_backends(backend, S, repeat, inner):
+    dev = _dev(backend)
+    g = torch.Generator().manual_seed(S * inner + repeat)
+    p0 = torch.randn(S, inner, generator=g)
+    grad = torch.randn(S // repeat, inner, generator=g)
+    scale = torch.rand(S, generator=g) + 0.5
+    want = [p0.clone(), torch.zeros(S, inner), torch.zeros(S, inner)]
+    got = [t.to(dev) for t in want]
+    for step in (1, 2, 3):
+        ref.adam_step(*want[:1], grad, want[1], want[2], scale, repeat, 1e-3, 0.9, 0.999, 1e-8, step)
+        get_backend(backend).fn("adam_step")(got[0], grad.to(dev), got[1], got[2], scale.to(dev), repeat, 1e-3, 0.9,
+                                             0.999, 1e-8, step)
+    for w, x in zip(want, got, strict=True):
+        torch.testing.assert_close(x.cpu(), w, rtol=1e-6, atol=1e-7)
+
+
+def test_adam_step_matches_torch_optim():
+    p = torch.randn(2, 50)
+    q = p.clone().requires_grad_(True)
+    opt = torch.optim.Adam([q], lr=1e-2)
+    m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
+    for step in range(1, 6):
+        grad = torch.randn(2, 50)
+        opt.zero_grad()
+        q.grad = grad.clone()
+        opt.step()
+        ops.adam_step(p, grad, m1, m2, torch.ones(2), lr=1e-2, step=step)
+    torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_doge_ops_opcheck_and_errors():
+    taus, a, d = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5), torch.randn(2, 5, 4)
+    torch.library.opcheck(torch.ops.fastmerge.doge_grad.default, (taus, a, d, torch.empty(2, 5, 4)))
+    p, gr = torch.randn(4, 6), torch.randn(2, 6)
+    torch.library.opcheck(torch.ops.fastmerge.adam_step.default,
+                          (p, gr, torch.zeros(4, 6), torch.zeros(4, 6), torch.ones(4), 2, 1e-3, 0.9, 0.999, 1e-8, 1))
+    with pytest.raises(RuntimeError, match="a must have shape"):
+        ops.doge_grad(taus, a[:, :2], d)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        ops.adam_step(p, gr, torch.zeros(4, 6), torch.zeros(4, 6), torch.ones(4), repeat=1, lr=1e-3, step=1)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.doge_grad(taus.double(), a, d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the optimiser against the sequential autograd reference
+
+
+def _layers(shapes, T, seed=0, zero_task=None):
+    g = torch.Generator().manual_seed(seed)
+    base, tasks = {}, [{} for _ in range(T)]
+    for i, (m, n) in enumerate(shapes):
+        k = f"vision_model.encoder.layers.{i}.mlp.fc1.weight"
+        base[k] = 0.02 * torch.randn(m, n, generator=g)
+        shared = torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
+        for t in range(T):
+            own = torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g)
+            tau = 0.01 * (0.5 * shared + own + 0.1 * torch.randn(m, n, generator=g))
+            tasks[t][k] = base[k] + (0 * tau if t == zero_task else tau)
+    base["vision_model.encoder.layers.0.layer_norm1.weight"] = torch.ones(shapes[0][1])
+    for t in range(T):
+        tasks[t]["vision_model.encoder.layers.0.layer_norm1.weight"] = 1 + 0.01 * torch.randn(shapes[0][1],
+                                                                                             generator=g)
+    return base, tasks
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize(("shapes", "T", "zero"), [([(24, 20), (24, 20), (30, 16)], 3, None),
+                                                   ([(18, 26)], 2, None), ([(20, 20), (20, 20)], 3, 1)])
+def test_batched_optimizer_equals_sequential_reference(shapes, T, zero):
+    base, tasks = _layers(shapes, T, zero_task=zero)
+    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    want, deltas = official_doge(base, tasks, keys, steps=60)
+    p = dict(doge.DEFAULTS, steps=60)
+    lo = None
+    for shape in sorted(set(shapes)):
+        ks = [k for k in sorted(keys) if tuple(base[k].shape) == shape]
+        taus = torch.stack([torch.stack([t[k] - base[k] for t in tasks]) for k in ks])
+        lam, delta = doge.prepare_layers(taus, p, False, "exact")
+        for k, d in zip(ks, delta, strict=True):
+            assert _rel(d, deltas[k][0]) < 1e-4, k
+        if lo is None:  # the global thresholds the reference uses
+            flat = [torch.cat([(t[k] - base[k]).reshape(-1) for k in sorted(keys)]).abs() for t in tasks]
+            lo = [float(f.kthvalue(f.numel() - int(f.numel() * 0.3)).values) for f in flat]
+        upd = doge.doge_ta_update(taus, lo, p, "exact")
+        for k, u in zip(ks, upd, strict=True):
+            assert _rel(base[k] + u, want[k]) < 1e-5, k
+
+
+def test_am_optimizer_equals_sequential_reference():
+    base, tasks = _layers([(22, 18), (22, 18)], 3, seed=4)
+    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    want, deltas = official_doge(base, tasks, keys, per_task=True, steps=50)
+    ks = sorted(keys)
+    taus = torch.stack([torch.stack([t[k] - base[k] for t in tasks]) for k in ks])
+    _, delta = doge.prepare_layers(taus, dict(doge.DEFAULTS, steps=50), True, "exact")
+    for k, d in zip(ks, delta, strict=True):
+        for i in range(3):
+            assert _rel(d[i], deltas[k][i]) < 1e-4, (k, i)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# through the engine
+
+
+@pytest.fixture(scope="module")
+def clip_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("doge")
+    base, tasks = _layers([(24, 20), (24, 20), (30, 16)], 3, seed=7)
+    base["vision_model.embeddings.patch_embedding.weight"] = torch.randn(8, 3, 2, 2)
+    for t in tasks:
+        t["vision_model.embeddings.patch_embedding.weight"] = base[
+            "vision_model.embeddings.patch_embedding.weight"] + 0.1
+    paths = [save_hf(os.path.join(root, "base"), base)]
+    paths += [save_hf(os.path.join(root, f"t{i}"), t) for i, t in enumerate(tasks)]
+    return paths, base, tasks
+
+
+def _cfg(method, paths, gp=None, extra=None):
+    c = {"merge_method": method, "base_model": paths[0], "models": [{"model": p} for p in paths[1:]]}
+    if gp:
+        c["parameters"] = gp
+    if extra:
+        c["fastmerge"] = extra
+    return c
+
+
+def test_doge_ta_through_the_engine(clip_family, tmp_path):
+    paths, base, tasks = clip_family
+    out = str(tmp_path / "o")
+    s = fastmerge.merge(_cfg("doge_ta", paths, {"steps": 40}, {"svd": "exact"}), out, quiet=True)
+    got = load_file(os.path.join(out, "model.safetensors"))
+    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    want, _ = official_doge(base, tasks, keys, steps=40)
+    for k in base:
+        assert _rel(got[k], want[k]) < 1e-5, k
+    assert torch.equal(got["vision_model.embeddings.patch_embedding.weight"],
+                       base["vision_model.embeddings.patch_embedding.weight"])  # unselected: pretrained
+    assert s.passes >= 3  # two threshold passes (fp32 inputs) + the merge
+
+
+def test_doge_fast_mode_close_to_exact(clip_family, tmp_path):
+    paths, base, _ = clip_family
+    fastmerge.merge(_cfg("doge_ta", paths, {"steps": 40}, {"svd": "exact"}), str(tmp_path / "e"), quiet=True)
+    fastmerge.merge(_cfg("doge_ta", paths, {"steps": 40}), str(tmp_path / "f"), quiet=True)
+    e = load_file(str(tmp_path / "e" / "model.safetensors"))
+    f = load_file(str(tmp_path / "f" / "model.safetensors"))
+    assert max(_rel(f[k] - base[k], e[k] - base[k]) for k in base if not torch.equal(e[k], base[k])) < 1e-3
+
+
+def test_doge_am_store_and_reconstruct(clip_family, tmp_path):
+    paths, base, tasks = clip_family
+    store = str(tmp_path / "store")
+    s = fastmerge.merge(_cfg("doge_am", paths, {"steps": 30}, {"svd": "exact"}), store, quiet=True)
+    assert s.extra["kind"] == "task_vectors"
+    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    want, _ = official_doge(base, tasks, keys, per_task=True, steps=30)
+    tv = load_file(os.path.join(store, "task_vectors", "model.safetensors"))
+    for k in keys:
+        for i in range(3):
+            assert _rel(tv[k][i], want[k][i]) < 1e-4, (k, i)
+    k = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.allclose(tv[k][1], tasks[1][k] - base[k])  # unselected tensors keep their task vectors
+    fastmerge.reconstruct(store, 2, str(tmp_path / "t2"))
+    got = load_file(str(tmp_path / "t2" / "model.safetensors"))
+    assert torch.allclose(got[keys[0]], base[keys[0]] + tv[keys[0]][2])
+
+
+def test_doge_llm_layer_rule_and_errors(tmp_path):
+    from _models import make_llama_family
+
+    fam = make_llama_family(str(tmp_path / "f"), hidden=32, layers=2, vocab=50, experts=2, dtype=torch.float32)
+    out = str(tmp_path / "o")
+    s = fastmerge.merge(_cfg("doge_ta", fam, {"steps": 5}), out, quiet=True)
+    got = load_file(os.path.join(out, "model.safetensors"))
+    b = load_file(os.path.join(fam[0], "model.safetensors"))
+    assert torch.equal(got["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert torch.equal(got["model.layers.0.input_layernorm.weight"], b["model.layers.0.input_layernorm.weight"])
+    assert not torch.equal(got["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+    assert s.tensors == len(b)
+    with pytest.raises(ConfigError, match="no tensor matches"):
+        fastmerge.merge(_cfg("doge_ta", fam, {"steps": 5}, {"doge_layers": "official"}), str(tmp_path / "x"),
+                        quiet=True)
+    assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(ConfigError, match="steps"):
+        fastmerge.merge(_cfg("doge_ta", fam, {"steps": 0}), str(tmp_path / "y"), quiet=True)
+    with pytest.raises(ConfigError, match="doge_layers"):
+        fastmerge.merge(_cfg("ties", fam, None, {"doge_layers": "blocks"}), str(tmp_path / "z"), quiet=True)
