@@ -4,7 +4,7 @@ row-wise loss, a fresh torch.optim.Adam per layer, the m x m projector), side by
 
 Cases: one ViT-B/32 block (6 layers: q, k, v, out 768x768, fc1 3072x768, fc2 768x3072) with 8 tasks, and one
 Llama block (hidden 1024: q, k, v, o 1024x1024, gate/up 2752x1024, down 1024x2752) with 2 tasks; `steps`
-Adam steps (default 100 of the official 400, to keep the CPU run short; both sides scale linearly). Records
+Adam steps (default: the official 400; FASTMERGE_BENCH_DOGE_STEPS=100 for a quicker run). Records
 the speed-up and the relative error of the merged update against the reference.
 
     .venv/bin/python -m pytest benchmarks/bench_doge.py -m benchmark -o addopts="" -q
@@ -20,7 +20,7 @@ import torch
 
 from fastmerge import doge
 
-STEPS = int(os.environ.get("FASTMERGE_BENCH_DOGE_STEPS", "100"))
+STEPS = int(os.environ.get("FASTMERGE_BENCH_DOGE_STEPS", "400"))
 BLOCKS = {
     "vit_b32": ([(768, 768)] * 4 + [(3072, 768), (768, 3072)], 8),
     "llama1024": ([(1024, 1024)] * 4 + [(2752, 1024)] * 2 + [(1024, 2752)], 2),

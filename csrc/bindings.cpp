@@ -46,6 +46,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("epsilon"), py::arg("seed"), py::arg("key"), py::arg("rescale"), NOGIL);
   m.def("doge_grad_cpu", &fastmerge::doge_grad_cpu, py::arg("taus"), py::arg("a"), py::arg("d"), py::arg("out"),
         NOGIL);
+  m.def("tv_combine_cpu", &fastmerge::tv_combine_cpu, py::arg("base"), py::arg("taus"), py::arg("coef"),
+        py::arg("offsets"), py::arg("out"), NOGIL);
+  m.def("tv_coef_grad_cpu", &fastmerge::tv_coef_grad_cpu, py::arg("grad"), py::arg("taus"), py::arg("offsets"),
+        py::arg("out"), NOGIL);
   m.def("adam_step_cpu", &fastmerge::adam_step_cpu, py::arg("param"), py::arg("grad"), py::arg("exp_avg"),
         py::arg("exp_avg_sq"), py::arg("scale"), py::arg("repeat"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("step"), NOGIL);

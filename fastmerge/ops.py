@@ -369,3 +369,18 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     scale[s] * grad[s // repeat]: one fused pass instead of Adam's six."""
     torch.ops.fastmerge.adam_step(param, grad, exp_avg, exp_avg_sq, scale, int(repeat), float(lr), float(beta1),
                                   float(beta2), float(eps), int(step))
+
+
+def tv_combine(base: torch.Tensor, taus: torch.Tensor, coef: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """theta = base + sum_t coef[t, s] * taus[t] over flat parameters, segment s = offsets[s]:offsets[s + 1];
+    taus (T, P) fp32/fp16/bf16 (one stacked copy), base (P,) fp32. One pass."""
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    torch.ops.fastmerge.tv_combine(base, taus, coef, offsets, out)
+    return out
+
+
+def tv_coef_grad(grad: torch.Tensor, taus: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(T, S) = sum over segment s of grad[p] * taus[t, p]: the gradient of the coefficients of tv_combine."""
+    out = torch.empty(taus.shape[0], offsets.numel() - 1, dtype=torch.float32, device=taus.device)
+    torch.ops.fastmerge.tv_coef_grad(grad, taus, offsets, out)
+    return out

@@ -391,3 +391,23 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     bias_correction2 = 1 - beta2**step
     denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+def _segments(offsets: torch.Tensor, device) -> torch.Tensor:
+    off = offsets.tolist()
+    return torch.repeat_interleave(torch.arange(len(off) - 1, device=device),
+                                   torch.tensor([b - a for a, b in zip(off, off[1:], strict=False)], device=device))
+
+
+def tv_combine(base: torch.Tensor, taus: torch.Tensor, coef: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """theta = base + sum_t coef[t, seg(p)] * taus[t, p] over flat parameters (segment s = offsets[s]..[s+1])."""
+    seg = _segments(offsets, taus.device)
+    return base.float() + (coef.float()[:, seg] * taus.float()).sum(0)
+
+
+def tv_coef_grad(grad: torch.Tensor, taus: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(T, S): sum over segment s of grad[p] * taus[t, p], fp64 sums rounded to fp32."""
+    seg = _segments(offsets, taus.device)
+    prod = taus.double() * grad.double()
+    out = torch.zeros(taus.shape[0], offsets.numel() - 1, dtype=torch.float64, device=taus.device)
+    return out.index_add_(1, seg, prod).float()

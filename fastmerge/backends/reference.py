@@ -75,3 +75,11 @@ def doge_grad(taus, a, d, out):
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step):
     ref.adam_step(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step)
+
+
+def tv_combine(base, taus, coef, offsets, out):
+    out.copy_(ref.tv_combine(base, taus, coef, offsets))
+
+
+def tv_coef_grad(grad, taus, offsets, out):
+    out.copy_(ref.tv_coef_grad(grad, taus, offsets))

@@ -22,6 +22,8 @@ OPS = (
     "orth_project",
     "doge_grad",
     "adam_step",
+    "tv_combine",
+    "tv_coef_grad",
 )
 _HALF = frozenset({torch.float32, torch.float16, torch.bfloat16})
 REBUILD = "pip install --no-build-isolation -e ."
@@ -93,14 +95,15 @@ BACKENDS: dict[str, Backend] = {
     # Triton kernel is (a hand-written CUDA GEMM would not beat either)
     # (the same for the DOGE step: its Triton kernels are the GPU path)
     "cuda": Backend("cuda", "fastmerge.backends.cuda", ("cuda",), _HALF,
-                    _ALL - {"della_prune", "orth_project", "doge_grad", "adam_step"}, max_experts=64),
+                    _ALL - {"della_prune", "orth_project", "doge_grad", "adam_step", "tv_combine", "tv_coef_grad"},
+                    max_experts=64),
     "triton": Backend(
         "triton",
         "fastmerge.backends.triton",
         ("cuda", "cpu"),
         _HALF,
         frozenset({"abs_histogram", "prune", "ties_merge", "tall_masks", "consensus_merge", "emr_elect",
-                   "orth_project", "doge_grad", "adam_step"}),
+                   "orth_project", "doge_grad", "adam_step", "tv_combine", "tv_coef_grad"}),
     ),
     "reference": Backend(
         "reference", "fastmerge.backends.reference", ("cpu", "cuda", "mps", "xpu"), _HALF | {torch.float64}, _ALL

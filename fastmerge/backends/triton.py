@@ -19,6 +19,8 @@ _MODULES = {
     "orth_project": "orth_project",
     "doge_grad": "doge",
     "adam_step": "doge",
+    "tv_combine": "tta",
+    "tv_coef_grad": "tta",
 }
 
 
@@ -63,3 +65,11 @@ def doge_grad(taus, a, d, out):
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step):
     _launcher("adam_step")(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step)
+
+
+def tv_combine(base, taus, coef, offsets, out):
+    _launcher("tv_combine")(base, taus, coef, offsets, out)
+
+
+def tv_coef_grad(grad, taus, offsets, out):
+    _launcher("tv_coef_grad")(grad, taus, offsets, out)

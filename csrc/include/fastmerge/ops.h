@@ -29,6 +29,9 @@ void consensus_merge_cpu(const OptTensor& base, const std::vector<at::Tensor>& e
 void emr_elect_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts, at::Tensor& tau_uni,
                    at::Tensor& masks, at::Tensor& stats);
 void doge_grad_cpu(const at::Tensor& taus, const at::Tensor& a, const at::Tensor& d, at::Tensor& out);
+void tv_combine_cpu(const at::Tensor& base, const at::Tensor& taus, const at::Tensor& coef, const at::Tensor& offsets,
+                    at::Tensor& out);
+void tv_coef_grad_cpu(const at::Tensor& grad, const at::Tensor& taus, const at::Tensor& offsets, at::Tensor& out);
 void adam_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                    const at::Tensor& scale, int64_t repeat, double lr, double beta1, double beta2, double eps,
                    int64_t step);
