@@ -160,23 +160,45 @@ def _named(experts) -> tuple[list[str], list]:
     return names, items
 
 
+class _Buffers:
+    """Flat buffers reused from step to step: a fresh 100 MB tensor per step costs a page fault per 4 KiB, which
+    on a VM is slower than the kernels that fill it. ``theta`` holds the current step's merged tensors (the next
+    forward overwrites it: use merged_state_dict() for a copy)."""
+
+    def __init__(self, P: int, device):
+        self.P, self.device = P, device
+        self.theta = self.grad = self.expert = None
+
+    def get(self, name: str) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf is None:
+            buf = torch.empty(self.P, dtype=torch.float32, device=self.device)
+            setattr(self, name, buf)
+        return buf
+
+
 class _Combine(torch.autograd.Function):
     """theta = base + sum_t coef[t, s] tau_t as one flat buffer, returned as the per-tensor slices; backward:
     dL/dcoef[t, s] = <dL/dtheta_s, tau_t,s> by one fused reduction."""
 
     @staticmethod
-    def forward(ctx, coef, base, taus, offsets, sizes):
-        theta = ops.tv_combine(base, taus, coef, offsets)
+    def forward(ctx, coef, base, taus, offsets, sizes, bufs):
+        theta = bufs.get("theta")
+        torch.ops.fastmerge.tv_combine(base, taus, coef, offsets, theta)
         ctx.save_for_backward(taus, offsets)
-        ctx.sizes = sizes
+        ctx.sizes, ctx.bufs = sizes, bufs
         return tuple(theta.split(sizes))
 
     @staticmethod
     def backward(ctx, *grads):
         taus, offsets = ctx.saved_tensors
-        g = torch.cat([torch.zeros(n, device=taus.device) if gr is None else gr.reshape(-1).float()
-                       for gr, n in zip(grads, ctx.sizes, strict=True)])
-        return ops.tv_coef_grad(g, taus, offsets), None, None, None, None
+        g = ctx.bufs.get("grad")
+        for gr, part in zip(grads, g.split(ctx.sizes), strict=True):
+            if gr is None:
+                part.zero_()
+            else:
+                part.copy_(gr.reshape(-1))
+        return ops.tv_coef_grad(g, taus, offsets), None, None, None, None, None
 
 
 def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -216,6 +238,7 @@ class MergedModel(nn.Module):
                                             device=tv.base.device))
         self.heads = nn.ModuleList(heads or [])
         self._sizes = [math.prod(s) for s in tv.shapes]
+        self._bufs = _Buffers(int(tv.offsets[-1]), tv.base.device)
 
     def coefficients(self) -> torch.Tensor:
         """(T, S): the clamped coefficients, one per task and tensor (task-wise: repeated over tensors)."""
@@ -229,13 +252,14 @@ class MergedModel(nn.Module):
             return {n: (self.tv.base[a:b] + (coef[:, s, None] * self.tv.taus[:, a:b].float()).sum(0)).view(shape)
                     for s, (n, shape, a, b) in enumerate(zip(self.tv.names, self.tv.shapes, off, off[1:],
                                                              strict=False))}
-        parts = _Combine.apply(coef.contiguous(), self.tv.base, self.tv.taus, self.tv.offsets, self._sizes)
+        parts = _Combine.apply(coef.contiguous(), self.tv.base, self.tv.taus, self.tv.offsets, self._sizes,
+                               self._bufs)
         return {n: p.view(s) for n, p, s in zip(self.tv.names, parts, self.tv.shapes, strict=True)}
 
     def expert_params(self, t: int) -> dict[str, torch.Tensor]:
         """theta_0 + tau_t (the expert, as far as the task vectors go), without autograd."""
         with torch.no_grad():
-            flat = self.tv.base + self.tv.taus[t].float()
+            flat = torch.add(self.tv.base, self.tv.taus[t], out=self._bufs.get("expert"))
         return {n: p.view(s) for n, p, s in zip(self.tv.names, flat.split(self._sizes), self.tv.shapes,
                                                  strict=True)}
 
@@ -377,9 +401,16 @@ def _inputs(batch):
 def adamerging(model: nn.Module, tv: TaskVectors, heads: Sequence[nn.Module], loaders: Sequence[Iterable], *,
                granularity: str = "layer", steps: int = 500, lr: float = 1e-3, init: float = 0.3, clamp: bool = True,
                batches_per_task: int = 2, forward_fn: Callable = default_forward, fused: bool = True,
-               callback=None) -> TTAResult:
+               batch_forward: bool | None = None, callback=None) -> TTAResult:
     """AdaMerging: per step, the entropy of every task's head on ``batches_per_task`` unlabelled batches of that
-    task (labels in (x, y) batches are ignored), summed, then one Adam step on the coefficients."""
+    task (labels in (x, y) batches are ignored), summed, then one Adam step on the coefficients.
+
+    ``batch_forward`` (default: with the fused path) runs the step's batches of all tasks as one batch through
+    the model (tensors concatenated; dicts of (batch, length) tensors right-padded with 0, as for tokenized text
+    with an attention mask): the same loss and gradient, one backward pass. Models whose output for a sample
+    depends on the rest of the batch (BatchNorm in training mode) need ``batch_forward=False``."""
+    if batch_forward is None:
+        batch_forward = fused
     _check_tasks(tv, heads, loaders)
     merged = MergedModel(model, tv, heads, granularity=granularity, init=init, clamp=clamp, forward_fn=forward_fn,
                          fused=fused)
@@ -393,8 +424,14 @@ def adamerging(model: nn.Module, tv: TaskVectors, heads: Sequence[nn.Module], lo
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         params = merged.merged_params()
-        loss = sum(entropy(merged.heads[t](merged.features(_inputs(c.next()), params)))
-                   for t, c in enumerate(cyc) for _ in range(batches_per_task))
+        batches = [(t, _inputs(c.next())) for t, c in enumerate(cyc) for _ in range(batches_per_task)]
+        joined = _concat([b for _, b in batches]) if batch_forward else None
+        if joined is not None:  # every task's batches through one forward: one weight-gradient pass, not T x 2
+            big, sizes = joined
+            feats = merged.features(big, params).split(sizes)
+        else:
+            feats = [merged.features(b, params) for _, b in batches]
+        loss = sum(entropy(merged.heads[t](f)) for (t, _), f in zip(batches, feats, strict=True))
         loss.backward()
         opt.step()
         res.losses.append(float(loss.detach()))
@@ -455,6 +492,29 @@ def tinting(model: nn.Module, tv: TaskVectors, heads: Sequence[nn.Module], loade
             callback(epoch, res)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _concat(batches: list) -> tuple[Batch, list[int]] | None:
+    """One batch out of several (and their sizes), or None when they cannot be joined."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        if all(isinstance(b, torch.Tensor) and b.shape[1:] == first.shape[1:] for b in batches):
+            return torch.cat(batches), [b.shape[0] for b in batches]
+        return None
+    if isinstance(first, dict) and all(isinstance(b, dict) and b.keys() == first.keys() for b in batches):
+        out = {}
+        for k in first:
+            ts = [b[k] for b in batches]
+            if not all(isinstance(t, torch.Tensor) and t.dim() == ts[0].dim() for t in ts):
+                return None
+            if ts[0].dim() == 2:  # (batch, length): right-pad to the longest
+                L = max(t.shape[1] for t in ts)
+                ts = [F.pad(t, (0, L - t.shape[1])) for t in ts]
+            elif not all(t.shape[1:] == ts[0].shape[1:] for t in ts):
+                return None
+            out[k] = torch.cat(ts)
+        return out, [next(iter(b.values())).shape[0] for b in batches]
+    return None
 
 
 def _check_tasks(tv: TaskVectors, heads, loaders) -> None:

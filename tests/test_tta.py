@@ -199,3 +199,14 @@ def test_save_and_task_wrapper(tmp_path):
     assert os.path.exists(tmp_path / "out" / "coefficients.json")
     with pytest.raises(ValueError, match="need 2 heads"):
         tta.adamerging(model, tv, heads[:1], loaders, steps=1)
+
+
+def test_batched_forward_equals_separate_forwards():
+    model, tv, heads, loaders = _setup()
+    a = tta.adamerging(model, tv, heads, loaders, steps=5, batch_forward=True)
+    b = tta.adamerging(model, tv, heads, loaders, steps=5, batch_forward=False)
+    torch.testing.assert_close(a.coefficients, b.coefficients, rtol=1e-5, atol=1e-6)
+    big, sizes = tta._concat([{"ids": torch.ones(2, 3, dtype=torch.long), "mask": torch.ones(2, 3)},
+                              {"ids": torch.ones(1, 5, dtype=torch.long), "mask": torch.ones(1, 5)}])
+    assert sizes == [2, 1] and big["ids"].shape == (3, 5) and big["mask"][:2, 3:].sum() == 0
+    assert tta._concat([torch.ones(2, 3), torch.ones(2, 4)]) is None
