@@ -39,6 +39,27 @@ def main(path: str) -> None:
                   f"| {ratio('peft')} | {ratio('reference')} |")
     engine_section(data["benchmarks"])
     subspace_section(data["benchmarks"])
+    tta_section(data["benchmarks"])
+
+
+def tta_section(benchmarks: list) -> None:
+    """bench_tta.py: ms per optimisation step, fused against the plain functional_call + autograd twin."""
+    rows = defaultdict(dict)
+    for b in benchmarks:
+        x = b["extra_info"]
+        if str(x.get("op", "")).startswith("tta_"):
+            rows[(x["op"], x["case"], x["T"], x["params"])][x["provider"]] = x
+    if not rows:
+        return
+    print("\n## Test-time adaptation: one optimisation step, fused vs plain autograd (same run, same start)\n")
+    print("| algorithm | model | T | parameters | plain ms/step | fused ms/step | speed-up | max coef diff after "
+          "the steps | max head diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (op, case, T, P), r in sorted(rows.items()):
+        pl, fu = r.get("plain", {}), r.get("fused", {})
+        print(f"| {op.removeprefix('tta_')} | {case} | {T} | {P / 1e6:.1f}M | {pl.get('step_ms', '')} | "
+              f"{fu.get('step_ms', '')} | **{fu.get('speedup_per_step', '?')}x** | {fu.get('max_coef_diff', '')} | "
+              f"{fu.get('max_head_diff', '')} |")
 
 
 def subspace_section(benchmarks: list) -> None:

@@ -28,6 +28,7 @@ orthonormal completion instead.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -101,7 +102,7 @@ def _stack(a: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     if not a.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating tensor, got {a.dtype}")
     single = a.dim() == 2
-    return (a.unsqueeze(0) if single else a.reshape(-1, *a.shape[-2:])), single
+    return (a.unsqueeze(0) if single else a.reshape(math.prod(a.shape[:-2]), *a.shape[-2:])), single
 
 
 def _check_mode(mode: str) -> None:

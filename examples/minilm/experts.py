@@ -62,35 +62,36 @@ def ensure_base():
     return _publish(build, final)
 
 
-def recipe_hash(task):
-    blob = json.dumps({"recipe": RECIPE, "task": task.spec_hash(), "base": BASE_NAME}, sort_keys=True)
+def recipe_hash(task, recipe=None):
+    blob = json.dumps({"recipe": recipe or RECIPE, "task": task.spec_hash(), "base": BASE_NAME}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def expert_dir(task):
-    return os.path.join(cache_dir(), "experts", f"{task.name}-{recipe_hash(task)}")
+def expert_dir(task, recipe=None):
+    return os.path.join(cache_dir(), "experts", f"{task.name}-{recipe_hash(task, recipe)}")
 
 
-def _lr_factor(step):
-    warm, steps = RECIPE["warmup"], RECIPE["steps"]
+def _lr_factor(step, recipe):
+    warm, steps = recipe["warmup"], recipe["steps"]
     if step < warm:
         return (step + 1) / warm
     return max(0.0, (steps - step) / (steps - warm))
 
 
-def train_expert(task, base, log=print):
-    """Fine-tune the base on `task` with RECIPE; returns (model, tokenizer, seconds, losses)."""
-    torch.manual_seed(RECIPE["seed"])
+def train_expert(task, base, log=print, recipe=None):
+    """Fine-tune the base on `task` with `recipe` (default RECIPE); returns (model, tokenizer, seconds, losses)."""
+    recipe = recipe or RECIPE
+    torch.manual_seed(recipe["seed"])
     model, tok = load_model(base), load_tokenizer(base)
     head = class_head(model, tok, task)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("encoder.layer."))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor)
-    bs, steps = RECIPE["batch_size"], RECIPE["steps"]
+    opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, recipe))
+    bs, steps = recipe["batch_size"], recipe["steps"]
     order = []
-    rng = random.Random(RECIPE["seed"])
+    rng = random.Random(recipe["seed"])
     model.train()
     t0, losses = time.perf_counter(), []
     for step in range(steps):
@@ -116,19 +117,20 @@ def train_expert(task, base, log=print):
     return model, tok, time.perf_counter() - t0, losses
 
 
-def ensure_expert(task, base, log=print):
-    """The cached expert directory of `task`, trained first if missing."""
-    final = expert_dir(task)
+def ensure_expert(task, base, log=print, recipe=None):
+    """The cached expert directory of `task` (trained with `recipe`, default RECIPE), trained first if missing."""
+    recipe = recipe or RECIPE
+    final = expert_dir(task, recipe)
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
     log(f"  training expert {task.name} ({len(task.train)} train examples, {len(task.classes)} classes)")
-    model, tok, seconds, losses = train_expert(task, base, log)
+    model, tok, seconds, losses = train_expert(task, base, log, recipe)
 
     def build(tmp):
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "fastmerge_demo.json"), "w") as f:
-            json.dump({"task": task.name, "recipe": RECIPE, "recipe_hash": recipe_hash(task), "base": base,
+            json.dump({"task": task.name, "recipe": recipe, "recipe_hash": recipe_hash(task, recipe), "base": base,
                        "train_seconds": round(seconds, 1), "final_loss": losses[-1]}, f, indent=1)
 
     _publish(build, final)

