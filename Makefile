@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export OMP_NUM_THREADS ?= 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test test-triton check-cuda lint demo bench clean
+.PHONY: setup build test test-triton check-cuda lint demo bench accuracy accuracy-quick clean
 
 # torch first (pinned to the local CPU wheel where there is one), so nothing pulls CUDA wheels
 $(VENV)/.deps:
@@ -31,7 +31,7 @@ lint: setup
 
 test: build lint
 	$(PY) -m pytest -q
-	$(MAKE) --no-print-directory test-triton check-cuda
+	$(MAKE) --no-print-directory test-triton check-cuda accuracy-quick
 
 test-triton: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
@@ -41,6 +41,13 @@ check-cuda: setup
 
 demo: build $(VENV)/.demo-deps
 	$(PY) examples/demo.py
+
+# the real multi-task accuracy benchmark (design A: 8 tasks; ~30 min on 2 cores the first time) and its CI smoke test
+accuracy: build $(VENV)/.demo-deps
+	$(PY) benchmarks/accuracy/run.py
+
+accuracy-quick: build $(VENV)/.demo-deps
+	$(PY) benchmarks/accuracy/run.py --quick
 
 bench: build
 	$(PY) -m pytest benchmarks -m benchmark -o addopts="" --benchmark-json=benchmarks/results/latest.json

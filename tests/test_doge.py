@@ -236,3 +236,13 @@ def test_doge_llm_layer_rule_and_errors(tmp_path):
         fastmerge.merge(_cfg("doge_ta", fam, {"steps": 0}), str(tmp_path / "y"), quiet=True)
     with pytest.raises(ConfigError, match="doge_layers"):
         fastmerge.merge(_cfg("ties", fam, None, {"doge_layers": "blocks"}), str(tmp_path / "z"), quiet=True)
+
+
+@pytest.mark.gpu
+def test_doge_cuda_matches_cpu(clip_family, tmp_path):
+    paths, base, _ = clip_family
+    fastmerge.merge(_cfg("doge_ta", paths, {"steps": 40}), str(tmp_path / "c"), device="cpu", quiet=True)
+    fastmerge.merge(_cfg("doge_ta", paths, {"steps": 40}), str(tmp_path / "g"), device="cuda", quiet=True)
+    c = load_file(str(tmp_path / "c" / "model.safetensors"))
+    g = load_file(str(tmp_path / "g" / "model.safetensors"))
+    assert max(_rel(g[k] - base[k], c[k] - base[k]) for k in base if not torch.equal(c[k], base[k])) < 1e-3

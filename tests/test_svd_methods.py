@@ -191,3 +191,13 @@ def test_config_errors(fam, tmp_path, extra, gp, match):
 def test_svd_options_rejected_for_other_methods(fam, tmp_path):
     with pytest.raises(ConfigError, match="applies to the subspace methods"):
         fastmerge.merge(_cfg("ties", fam, {"svd": "exact"}), str(tmp_path / "o"), quiet=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_cuda_engine_matches_cpu(fam, tmp_path, method):
+    fastmerge.merge(_cfg(method, fam), str(tmp_path / "cpu"), device="cpu", quiet=True)
+    fastmerge.merge(_cfg(method, fam), str(tmp_path / "gpu"), device="cuda", quiet=True)
+    a, b = _load(str(tmp_path / "cpu")), _load(str(tmp_path / "gpu"))
+    base = _load(fam[0])
+    assert max(_rel(b[k] - base[k], a[k] - base[k]) for k in a) <= 1e-3

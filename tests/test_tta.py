@@ -210,3 +210,16 @@ def test_batched_forward_equals_separate_forwards():
                               {"ids": torch.ones(1, 5, dtype=torch.long), "mask": torch.ones(1, 5)}])
     assert sizes == [2, 1] and big["ids"].shape == (3, 5) and big["mask"][:2, 3:].sum() == 0
     assert tta._concat([torch.ones(2, 3), torch.ones(2, 4)]) is None
+
+
+@pytest.mark.gpu
+def test_adamerging_on_cuda_matches_cpu():
+    model, tv, heads, loaders = _setup()
+    a = tta.adamerging(model, tv, heads, loaders, steps=10)
+    gm = _setup()[0].cuda()
+    gm.load_state_dict(model.state_dict())
+    gh = [nn.Linear(16, 4).cuda() for _ in heads]
+    for h, g in zip(heads, gh, strict=True):
+        g.load_state_dict(h.state_dict())
+    b = tta.adamerging(gm, tv.to("cuda"), gh, [[x.cuda() for x in ld] for ld in loaders], steps=10)
+    torch.testing.assert_close(b.coefficients.cpu(), a.coefficients, rtol=1e-4, atol=1e-5)
