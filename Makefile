@@ -23,8 +23,15 @@ $(VENV)/.demo-deps: $(VENV)/.deps examples/minilm/requirements.txt examples/mini
 
 setup: $(VENV)/.deps
 
-build: setup
+# the extension is rebuilt only when what it is built from changes (pip install -e rebuilds it from scratch:
+# minutes on 2 cores); Python files are installed in editable mode and need no rebuild
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc kernels -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.inc' -o -name '*.py' \) 2>/dev/null)
+
+$(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+build: $(VENV)/.built
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -53,4 +60,4 @@ bench: build
 	$(PY) -m pytest benchmarks -m benchmark -o addopts="" --benchmark-json=benchmarks/results/latest.json
 
 clean:
-	rm -rf build *.egg-info fastmerge/*.so fastmerge/_build_info.json
+	rm -rf build *.egg-info fastmerge/*.so fastmerge/_build_info.json $(VENV)/.built

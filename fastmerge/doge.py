@@ -95,10 +95,9 @@ def shared_basis(taus: torch.Tensor, rank: int, mode: str = "fast") -> torch.Ten
 
 
 def row_constants(taus: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """a_j[r] = <tau_j[r], tau_j[r] - sum_i lambda_i tau_i[r]> (G, T, m), fp64 sums rounded to fp32."""
-    t = taus.double()
-    s = torch.einsum("gt,gtmn->gmn", lam.double(), t)
-    return torch.einsum("gtmn,gtmn->gtm", t, t - s[:, None]).float()
+    """a_j[r] = |tau_j[r]|^2 - <tau_j[r], sum_i lambda_i tau_i[r]> (G, T, m), fp32 (as the reference's loss)."""
+    s = torch.einsum("gt,gtmn->gmn", lam.to(taus.dtype), taus)
+    return torch.einsum("gtmn,gtmn->gtm", taus, taus) - torch.einsum("gtmn,gmn->gtm", taus, s)
 
 
 def optimize(taus: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, *, per_task: bool = False,
@@ -114,12 +113,15 @@ def optimize(taus: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, *, per_
     c = lam.sum(1)
     scale = (lam.reshape(-1) if per_task else c).contiguous()
     basis = basis.float().contiguous()
-    for step in range(1, steps + 1):
-        d = torch.einsum("gt,gtmn->gmn", lam, delta) if per_task else delta * c[:, None, None]
-        g = ops.orth_project(ops.doge_grad(taus, a, d.contiguous()), basis)
-        flat = delta.reshape(G * T if per_task else G, m, n)
-        ops.adam_step(flat, g, m1.reshape(flat.shape), m2.reshape(flat.shape), scale, repeat=T if per_task else 1,
-                      lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step)
+    # per-step temporaries are ordinary allocations, never the engine's per-tensor scratch (kept until the tensor
+    # is written: hundreds of steps of it would grow without bound)
+    with ops.allocating(None):
+        for step in range(1, steps + 1):
+            d = torch.einsum("gt,gtmn->gmn", lam, delta) if per_task else delta * c[:, None, None]
+            g = ops.orth_project(ops.doge_grad(taus, a, d.contiguous()), basis)
+            flat = delta.reshape(G * T if per_task else G, m, n)
+            ops.adam_step(flat, g, m1.reshape(flat.shape), m2.reshape(flat.shape), scale,
+                          repeat=T if per_task else 1, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step)
     return delta
 
 
