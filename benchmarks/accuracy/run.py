@@ -6,7 +6,8 @@ per-task accuracy, average absolute and normalised accuracy (accuracy / the task
 benchmarks/results/accuracy-<design>.{json,md} and a bar chart PNG.
 
     python benchmarks/accuracy/run.py            # design A: 8 tasks (~30 min on 2 cores the first time)
-    python benchmarks/accuracy/run.py --quick    # CI smoke test: 3 PyPI tasks, short schedules, <= 5 min
+    python benchmarks/accuracy/run.py --quick    # CI smoke test: 3 PyPI tasks, 200 test examples each, short
+                                                 # schedules (30-step experts): about 3 min from scratch
 
 Test-time adaptation schedules: the official ones are 500 AdaMerging steps at lr 1e-3 and 500 Tinting epochs;
 on a 2-core CPU this runs AdaMerging for 100 steps at lr 5e-3 (the same largest coefficient move, 0.5) and
@@ -46,7 +47,8 @@ SHORT = {"rt_polarity": "rt_pol", "tweet_sentiment": "tweet", "bbc_news": "bbc",
          "fortune_topic": "f_topic", "wordnet_supersense": "wn_super", "debian_section": "deb_sec",
          "debate_party": "debate", "chatterbot_langid": "cb_lang"}
 QUICK = ["rt_polarity", "tweet_sentiment", "bbc_news"]
-QUICK_RECIPE = dict(experts.RECIPE, steps=50, warmup=5)
+QUICK_RECIPE = dict(experts.RECIPE, steps=30, warmup=3)
+QUICK_TEST = 200
 
 # (label, merge_method, per-model parameters, global parameters, extra YAML) -- T is filled in for "mean"
 CLI_METHODS = [
@@ -191,11 +193,14 @@ def main(argv=None):
     threads = tasks.set_threads()
     names = QUICK if args.quick else DESIGN_A
     recipe = QUICK_RECIPE if args.quick else experts.RECIPE
-    schedule = ({"ada_steps": 15, "ada_lr": 1e-2, "tint_epochs": 6, "doge_steps": 40} if args.quick
+    schedule = ({"ada_steps": 10, "ada_lr": 1e-2, "tint_epochs": 5, "doge_steps": 30} if args.quick
                 else {"ada_steps": 100, "ada_lr": 5e-3, "tint_epochs": 60})
     design = "quick" if args.quick else "design-A"
     log(f"accuracy benchmark ({design}): {len(names)} tasks, cache {experts.cache_dir()}, {threads} threads")
     tlist = tasks.load_tasks(names)
+    if args.quick:  # the first 200 of the 400 test examples (the training pool is unchanged)
+        for t in tlist:
+            t.test = t.test[:QUICK_TEST]
     for t in tlist:
         log(f"  {t.name:20s} {t.n_total:6d} examples, {len(t.classes):2d} classes")
     base = experts.ensure_base()
@@ -257,7 +262,7 @@ def main(argv=None):
 
     meta = {"design": design, "tasks": names, "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores", "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"),
-            "test_size": tasks.TEST_SIZE, "threads": threads, "schedule": schedule, "expert_recipe": recipe,
+            "test_size": len(tlist[0].test), "threads": threads, "schedule": schedule, "expert_recipe": recipe,
             "fastmerge": fastmerge.__version__, "total_seconds": round(time.perf_counter() - t_start, 1)}
     md = markdown(rows, tlist, meta)
     print("\n" + md)
