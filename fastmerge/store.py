@@ -74,17 +74,46 @@ def _finish_meta(engine, od: OutputDir, names: list[str], scales: list[float], b
             "size_ratio": meta["size_ratio"], **extra}
 
 
+def _base_layout(engine) -> list:
+    cfg, bi = engine.cfg, engine.cfg.models.index(engine.cfg.base)
+    return [(j.name, (cfg.dtype or j.sources[bi].dtype) if j.floating else j.out_dtype, j.shape) for j in engine.jobs]
+
+
+def _stream_stacks(engine, writers: list[ShardedWriter], items_of) -> None:
+    """Stream the engine's units (same-shape stacks) into ``writers``: every tensor's base values into
+    writers[0], and ``items_of([(job, inputs)] of the floating jobs)`` -> [(writer, name, tensor)] for the rest."""
+    from .engine import Group
+
+    bi = engine.cfg.models.index(engine.cfg.base)
+
+    def one(unit, tensors):
+        group = unit.jobs if isinstance(unit, Group) else (unit,)
+        tensors = tensors if isinstance(unit, Group) else [tensors]
+        items = [(writers[0], j.name, ts[bi]) for j, ts in zip(group, tensors, strict=True)]
+        fl = [(j, ts) for j, ts in zip(group, tensors, strict=True) if j.floating]
+        return items + (items_of(fl) if fl else [])
+
+    def write(items):
+        for w, name, t in items:
+            w.write(name, t.contiguous())
+
+    try:
+        engine.stream(engine.units(), one, f"{engine.cfg.method} store", write=write)
+        for w in writers:
+            w.finish()
+    finally:
+        for w in writers:
+            w.close()
+
+
 def write_tsvc_store(engine, od: OutputDir) -> dict:
     """TSV-C: stream stacks of same-shape tensors, compress each task vector to its top int(r/T) triplets."""
     from . import svd_methods
-    from .engine import Group
 
     cfg, jobs = engine.cfg, engine.jobs
     names = _task_names(cfg)
     T = len(names)
     o = svd_methods.options(cfg.options, "tsv_c")
-    bi = cfg.models.index(cfg.base)
-    base_layout = [(j.name, (cfg.dtype or j.sources[bi].dtype) if j.floating else j.out_dtype, j.shape) for j in jobs]
     fac_layout, ranks = [], {}
     for j in jobs:
         if not j.floating:
@@ -96,36 +125,22 @@ def write_tsvc_store(engine, od: OutputDir) -> dict:
                            (j.name + ".Vh", j.out_dtype, (T, k, n))]
         else:
             fac_layout.append((j.name + ".tau", j.out_dtype, (T, *j.shape)))
-    wb = ShardedWriter(od.sub("base"), base_layout, engine.out_shard_bytes)
+    wb = ShardedWriter(od.sub("base"), _base_layout(engine), engine.out_shard_bytes)
     wf = ShardedWriter(od.sub("factors"), fac_layout, engine.out_shard_bytes)
 
-    def one(unit, tensors):
-        group = unit.jobs if isinstance(unit, Group) else (unit,)
-        tensors = tensors if isinstance(unit, Group) else [tensors]
-        items = [(wb, j.name, ts[bi]) for j, ts in zip(group, tensors, strict=True)]
-        fl = [(j, ts) for j, ts in zip(group, tensors, strict=True) if j.floating]
-        if fl:
-            calls = [engine._call(j, ts) for j, ts in fl]
-            for (j, _), parts in zip(fl, svd_methods.tsv_c_factors(calls, o), strict=True):
-                if len(parts) == 1:
-                    items.append((wf, j.name + ".tau", parts[0].to(j.out_dtype)))
-                else:
-                    u, s, vh = parts
-                    items += [(wf, j.name + ".U", u.to(j.out_dtype)), (wf, j.name + ".S", s.float().contiguous()),
-                              (wf, j.name + ".Vh", vh.to(j.out_dtype))]
+    def factors(fl):
+        items = []
+        for (j, _), parts in zip(fl, svd_methods.tsv_c_factors([engine._call(j, ts) for j, ts in fl], o),
+                                 strict=True):
+            if len(parts) == 1:
+                items.append((wf, j.name + ".tau", parts[0].to(j.out_dtype)))
+            else:
+                u, s, vh = parts
+                items += [(wf, j.name + ".U", u.to(j.out_dtype)), (wf, j.name + ".S", s.float()),
+                          (wf, j.name + ".Vh", vh.to(j.out_dtype))]
         return items
 
-    def write(items):
-        for w, name, t in items:
-            w.write(name, t.contiguous())
-
-    try:
-        engine.stream(engine.units(), one, f"{cfg.method} store", write=write)
-        for w in (wb, wf):
-            w.finish()
-    finally:
-        for w in (wb, wf):
-            w.close()
+    _stream_stacks(engine, [wb, wf], factors)
     return _finish_meta(engine, od, names, [1.0] * T, wb.bytes_written + wf.bytes_written,
                         ranks_per_task=sorted(set(ranks.values())))
 
@@ -133,38 +148,17 @@ def write_tsvc_store(engine, od: OutputDir) -> dict:
 def write_task_vector_store(engine, od: OutputDir) -> dict:
     """Stream stacks of same-shape tensors through the method's ``batch`` (which gives (T, *shape) task vectors
     per tensor) into task_vectors/."""
-    from .engine import Group
-
-    cfg, jobs = engine.cfg, engine.jobs
-    names = _task_names(cfg)
+    names = _task_names(engine.cfg)
     T = len(names)
-    bi = cfg.models.index(cfg.base)
-    base_layout = [(j.name, (cfg.dtype or j.sources[bi].dtype) if j.floating else j.out_dtype, j.shape) for j in jobs]
-    tv_layout = [(j.name, j.out_dtype, (T, *j.shape)) for j in jobs if j.floating]
-    wb = ShardedWriter(od.sub("base"), base_layout, engine.out_shard_bytes)
+    tv_layout = [(j.name, j.out_dtype, (T, *j.shape)) for j in engine.jobs if j.floating]
+    wb = ShardedWriter(od.sub("base"), _base_layout(engine), engine.out_shard_bytes)
     wt = ShardedWriter(od.sub("task_vectors"), tv_layout, engine.out_shard_bytes)
 
-    def one(unit, tensors):
-        group = unit.jobs if isinstance(unit, Group) else (unit,)
-        tensors = tensors if isinstance(unit, Group) else [tensors]
-        items = [(wb, j.name, ts[bi]) for j, ts in zip(group, tensors, strict=True)]
-        fl = [(j, ts) for j, ts in zip(group, tensors, strict=True) if j.floating]
-        if fl:
-            vecs = engine.method.batch([engine._call(j, ts) for j, ts in fl])
-            items += [(wt, j.name, v.to(j.out_dtype)) for (j, _), v in zip(fl, vecs, strict=True)]
-        return items
+    def vectors(fl):
+        vecs = engine.method.batch([engine._call(j, ts) for j, ts in fl])
+        return [(wt, j.name, v.to(j.out_dtype)) for (j, _), v in zip(fl, vecs, strict=True)]
 
-    def write(items):
-        for w, name, t in items:
-            w.write(name, t.contiguous())
-
-    try:
-        engine.stream(engine.units(), one, f"{cfg.method} store", write=write)
-        for w in (wb, wt):
-            w.finish()
-    finally:
-        for w in (wb, wt):
-            w.close()
+    _stream_stacks(engine, [wb, wt], vectors)
     return _finish_meta(engine, od, names, [1.0] * T, wb.bytes_written + wt.bytes_written, kind="task_vectors")
 
 
@@ -183,7 +177,7 @@ def write_store(engine, od: OutputDir) -> dict:
     parts = methods.emr_parts if cfg.method == "emr" else methods.tall_parts
     fl = [j for j in jobs if j.floating]
     bi = cfg.models.index(cfg.base)
-    base_layout = [(j.name, (cfg.dtype or j.sources[bi].dtype) if j.floating else j.out_dtype, j.shape) for j in jobs]
+    base_layout = _base_layout(engine)
     shared_layout = [(j.name, j.out_dtype, j.shape) for j in fl]
     mask_layout = [(j.name, torch.uint8, (T, math.ceil(j.numel / 8))) for j in fl]
     wb = ShardedWriter(od.sub("base"), base_layout, engine.out_shard_bytes)

@@ -431,11 +431,7 @@ def adamerging(model: nn.Module, tv: TaskVectors, heads: Sequence[nn.Module], lo
             feats = merged.features(big, params).split(sizes)
         else:
             feats = [merged.features(b, params) for _, b in batches]
-        loss = sum(entropy(merged.heads[t](f)) for (t, _), f in zip(batches, feats, strict=True))
-        loss.backward()
-        opt.step()
-        res.losses.append(float(loss.detach()))
-        res.steps += 1
+        _step(opt, sum(entropy(merged.heads[t](f)) for (t, _), f in zip(batches, feats, strict=True)), res)
         if callback is not None:
             callback(step, res)
     res.seconds = time.perf_counter() - t0
@@ -484,14 +480,18 @@ def tinting(model: nn.Module, tv: TaskVectors, heads: Sequence[nn.Module], loade
             if value is None:  # the confidence filter dropped the whole batch: no step
                 res.skipped += 1
                 continue
-            value.backward()
-            opt.step()
-            res.losses.append(float(value.detach()))
-            res.steps += 1
+            _step(opt, value, res)
         if callback is not None:
             callback(epoch, res)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, res: TTAResult) -> None:
+    loss.backward()
+    opt.step()
+    res.losses.append(float(loss.detach()))
+    res.steps += 1
 
 
 def _concat(batches: list) -> tuple[Batch, list[int]] | None:
