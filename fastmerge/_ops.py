@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _config
 from .backends import select
 
 _LIB = torch.library.Library("fastmerge", "DEF")  # noqa: TOR901 - the namespace is owned by this module
@@ -248,7 +249,12 @@ def _run(op: str, *a) -> None:
         return
     if op == "orth_project":
         x, u, out = a
-        fn = select(op, x.device, (x.dtype, u.dtype, out.dtype))
+        if torch.float64 in (x.dtype, u.dtype, out.dtype) and not _config.forced_backend():
+            from .backends import get_backend  # fp64: two BLAS GEMMs in fp64, which is what the reference does
+
+            fn = get_backend("reference").fn(op)
+        else:
+            fn = select(op, x.device, (x.dtype, u.dtype, out.dtype))
         _into(out, lambda o: fn(x, u, o))  # the kernels take any strides
         return
     if op in ("abs_histogram", "row_kth_largest_abs", "prune", "della_prune"):
