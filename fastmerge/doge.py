@@ -11,7 +11,7 @@ DOGE_TA, per selected layer l (W is m x n, r = min(m, n)), with T task vectors t
   by Adam (lr 1e-4, default betas, 400 steps, a fresh state per layer), each gradient's component in span(B)
   removed before the step;
 * the merge theta = theta_0 + sum_i lambda_i ((tau_i + Delta) * M_i), M_i the top-K magnitude mask of tau_i over
-  all selected layers together (K = 0.30, kthvalue threshold, ties kept; two streaming passes);
+  all selected layers together (K = 0.30, the official k-th-value threshold, ties kept; two streaming passes);
 * every other tensor stays at the pretrained value.
 
 DOGE_AM: one Delta_i per task, tau_m = sum_i lambda_i (tau_i + Delta_i), the subspace rank int(r/T); it writes
@@ -162,7 +162,7 @@ def doge_am_vectors(taus: torch.Tensor, lo: list[float], p: dict[str, Any], mode
 
 def stats(engine) -> None:
     """Pass 1 (and 2 for non-bf16 inputs): each task's global top-K magnitude threshold over the selected layers
-    (keep |tau_i| >= threshold, the official kthvalue rule), into engine.stats['doge_lo']."""
+    (keep |tau_i| >= threshold, the official k-th-value rule), into engine.stats["doge_lo"]."""
     from .consensus import _delta, keep_rank
 
     cfg = engine.cfg
