@@ -84,6 +84,21 @@ def file_digest(path):
     return h.hexdigest()[:20]
 
 
+def cli_merge(cfg, workdir, name):
+    """Write ``cfg`` as YAML in workdir and run `fastmerge merge` on it into workdir/name.
+    Returns (exit code, wall seconds, peak RSS MB, output, output directory)."""
+    cfg_path, out = os.path.join(workdir, f"{name}.yaml"), os.path.join(workdir, name)
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+    return (*run_merge(cfg_path, out), out)
+
+
+def merged_key(out, task_list):
+    """Accuracy-cache key of a merged model: the digest of its weights and the task definitions."""
+    return "/".join(["merged", file_digest(os.path.join(out, "model.safetensors"))]
+                    + [f"{t.name}-{t.spec_hash()}" for t in task_list])
+
+
 def fmt(x, spec):
     return format(x, spec) if x is not None else format("-", ">" + spec.split(".")[0])
 
@@ -101,7 +116,8 @@ def print_table(rows):
 
 
 def summarize(label, acc, expert_acc, **extra):
-    names = [n for n in TASKS if n in acc]
+    """A table row: accuracies, their average and the average of accuracy / the task's expert accuracy."""
+    names = [n for n in expert_acc if n in acc]
     avg = 100 * sum(acc[n] for n in names) / len(names) if names else None
     norm = 100 * sum(acc[n] / expert_acc[n] for n in names) / len(names) if names else None
     return {"label": label, "acc": acc, "avg": avg, "norm": norm, **extra}
@@ -148,11 +164,8 @@ def main():
         for i, (label, method, model_params, global_params, extra) in enumerate(METHODS):
             cfg = merge_config(method, base, [expert_dirs[t.name] for t in task_list], model_params, global_params,
                                extra)
-            cfg_path, out = os.path.join(tmp, f"merge{i}.yaml"), os.path.join(tmp, f"merged{i}")
-            with open(cfg_path, "w") as f:
-                yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
             print(f"merging: {label}")
-            rc, seconds, peak_mb, output = run_merge(cfg_path, out)
+            rc, seconds, peak_mb, output, out = cli_merge(cfg, tmp, f"merged{i}")
             if rc != 0:
                 tail = "\n".join("    " + line for line in output.splitlines()[-15:])
                 print(f"  fastmerge merge failed (exit {rc}):\n{tail}")
@@ -160,8 +173,7 @@ def main():
                 continue
             # the merge always runs; the accuracy of bytes already evaluated comes from the cache
             t0 = time.perf_counter()
-            key = "/".join(["merged", file_digest(os.path.join(out, "model.safetensors"))]
-                           + [f"{t.name}-{t.spec_hash()}" for t in task_list])
+            key = merged_key(out, task_list)
             cached = results.get(key) is not None
             acc = cached_eval(key, out, task_list)
             print(f"  merged in {seconds:.1f} s (peak {peak_mb:.0f} MB), "

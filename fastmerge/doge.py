@@ -163,8 +163,6 @@ def doge_am_vectors(taus: torch.Tensor, lo: list[float], p: dict[str, Any], mode
 def stats(engine) -> None:
     """Pass 1 (and 2 for non-bf16 inputs): each task's global top-K magnitude threshold over the selected layers
     (keep |tau_i| >= threshold, the official k-th-value rule), into engine.stats["doge_lo"]."""
-    from .consensus import _delta, keep_rank
-
     cfg = engine.cfg
     o = options(cfg.options)
     jobs = [j for j in engine.jobs if j.floating]
@@ -175,24 +173,8 @@ def stats(engine) -> None:
     if not sel:
         raise ConfigError(f"{cfg.method}: no tensor matches the layer rule {rule!r} (fastmerge.doge_layers); "
                           f"e.g. {jobs[0].name if jobs else 'no floating tensors'}")
-    bi = cfg.models.index(cfg.base)
-    experts = [i for i, m in enumerate(cfg.models) if m is not cfg.base]
     density = float(sel[0].shared["density"])
-    n = sum(j.numel for j in sel)
-    k = keep_rank(n, density, "official")
-    if k is None:
-        engine.stats["doge_lo"] = [0.0] * len(experts)
-        return
-    selectors = [ops.MagnitudeThreshold(engine.device) for _ in experts]
-
-    def feed(job, tensors):
-        for t, i in enumerate(experts):
-            selectors[t].add(_delta(tensors[i], tensors[bi]), f"{cfg.models[i].label}: {job.name}")
-
-    engine.stream(sel, feed, "stats: magnitudes")
-    if any([s.select(k) for s in selectors]):
-        engine.stream(sel, feed, "stats: refine")
-    engine.stats["doge_lo"] = [s.threshold() for s in selectors]
+    engine.stats["doge_lo"] = engine.magnitude_thresholds(sel, [density] * len(cfg.experts), "official")
 
 
 def _params(call) -> dict[str, Any]:

@@ -522,6 +522,32 @@ class Engine:
         bad = [m.label for m, x in zip(self.cfg.models, tensors, strict=True) if not bool(torch.isfinite(x).all())]
         return f" (input(s) {', '.join(bad)} hold NaN/inf in this tensor)" if bad else ""
 
+    def magnitude_thresholds(self, jobs: list[Job], densities: list[float], rule: str) -> list[float]:
+        """Per expert, the magnitude threshold keeping its top ``densities[t]`` task-vector entries over all
+        ``jobs`` together (consensus.keep_rank's ``rule``; 0.0 keeps everything): exact, from streamed
+        histograms, one pass for bf16 inputs and two otherwise."""
+        cfg = self.cfg
+        experts = [i for i, m in enumerate(cfg.models) if m is not cfg.base]
+        bi = cfg.models.index(cfg.base)
+        n = sum(j.numel for j in jobs)
+        ks = [consensus.keep_rank(n, d, rule) for d in densities]
+        sels = [ops.MagnitudeThreshold(self.device) for _ in experts]
+        active = [t for t, k in enumerate(ks) if k is not None]
+
+        def feed(job: Job, tensors: list[torch.Tensor]) -> None:
+            buf = ops.empty(job.shape, torch.float32, self.device)
+            for t in active:
+                sels[t].add(consensus._delta(tensors[experts[t]], tensors[bi], buf),
+                            f"{cfg.models[experts[t]].label}: {job.name}")
+
+        if active:
+            self.stream(jobs, feed, "stats: magnitudes")
+            again = [t for t in active if sels[t].select(ks[t])]
+            if again:
+                active = again
+                self.stream(jobs, feed, "stats: refine")
+        return [sels[t].threshold() if ks[t] is not None else 0.0 for t in range(len(experts))]
+
     def global_stats(self) -> None:
         """Whole-model magnitude thresholds per task (and the official zero-sign rule) by streaming passes."""
         cfg = self.cfg
@@ -533,25 +559,8 @@ class Engine:
         experts = [i for i, m in enumerate(cfg.models) if m is not cfg.base]
         bi = cfg.models.index(cfg.base)
         jobs = [j for j in self.jobs if j.floating]
-        n = sum(j.numel for j in jobs)
         dens = [float(jobs[0].per_input[i]["density"]) if jobs else 1.0 for i in experts]
-        ks = [consensus.keep_rank(n, d, rule) for d in dens]
-        sels = [ops.MagnitudeThreshold(self.device) for _ in experts]
-        active = [t for t, k in enumerate(ks) if k is not None]
-
-        def feed(job: Job, tensors: list[torch.Tensor]) -> None:
-            buf = ops.empty(job.shape, torch.float32, self.device)
-            for t in active:
-                sels[t].add(consensus._delta(tensors[experts[t]], tensors[bi], buf),
-                            f"{cfg.models[experts[t]].label}: {job.name}")
-
-        self.stream(jobs, feed, "stats: magnitudes")
-        again = [t for t in active if sels[t].select(ks[t])]
-        if again:
-            active = again
-            self.stream(jobs, feed, "stats: refine")
-        lo = [sels[t].threshold() if ks[t] is not None else 0.0 for t in range(len(experts))]
-        self.stats["lo"] = lo
+        lo = self.stats["lo"] = self.magnitude_thresholds(jobs, dens, rule)
         if rule == "official":
             counts = torch.zeros(2, dtype=torch.int64)
             params = ops.ties_params(len(experts), lo=lo)

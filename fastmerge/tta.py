@@ -110,14 +110,24 @@ class TaskVectors:
             names = [n for n in b.tensors if n in tv.tensors]
             first = tv.read(names[0]) if names else torch.zeros(len(meta["tasks"]), 0)
             dt = dtype or (first.dtype if first.dtype.is_floating_point else torch.float32)
-            return cls._build(b.read, [(lambda n, t=t: tv.read(n)[t]) for t in range(len(meta["tasks"]))],
-                              names, names, meta["tasks"], dt, device, keep_zero=True)
+            last: dict[str, torch.Tensor] = {}
+
+            def task(n: str, t: int) -> torch.Tensor:  # the (T, *shape) tensor is read once for its T tasks
+                if n not in last:
+                    last.clear()
+                    last[n] = tv.read(n)
+                return last[n][t]
+
+            return cls._build(b.read, [(lambda n, t=t: task(n, t)) for t in range(len(meta["tasks"]))],
+                              names, names, meta["tasks"], dt, device, are_deltas=True)
         finally:
             b.close()
             tv.close()
 
     @classmethod
-    def _build(cls, base_get, expert_gets, all_names, names, tasks, dtype, device, keep_zero=False):
+    def _build(cls, base_get, expert_gets, all_names, names, tasks, dtype, device, are_deltas=False):
+        """expert_gets[t](name) gives task t's tensor: an expert's weights, or (``are_deltas``) its task vector.
+        ``names`` None: every floating tensor that some expert changes."""
         T = len(expert_gets)
         if T == 0:
             raise ValueError("task vectors need at least one expert")
@@ -132,8 +142,8 @@ class TaskVectors:
             for t, x in zip(tasks, xs, strict=True):
                 if tuple(x.shape) != tuple(b.shape):
                     raise ValueError(f"expert {t}: tensor {n!r} has shape {tuple(x.shape)}, the base {tuple(b.shape)}")
-            deltas = [x.float() - b.float() if not keep_zero else x.float() for x in xs]
-            if names is None and not keep_zero and all(not bool(d.any()) for d in deltas):
+            deltas = [x.float() if are_deltas else x.float() - b.float() for x in xs]
+            if names is None and all(not bool(d.any()) for d in deltas):
                 continue  # no expert changed it (e.g. frozen embeddings): not a task-vector tensor
             pick.append((n, b, deltas))
         P = sum(b.numel() for _, b, _ in pick)
@@ -219,12 +229,12 @@ class MergedModel(nn.Module):
         super().__init__()
         if granularity not in ("layer", "task"):
             raise ValueError(f"granularity must be 'layer' or 'task', got {granularity!r}")
-        params = dict(model.named_parameters())
-        bad = [n for n in tv.names if n not in params and n not in dict(model.named_buffers())]
+        params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+        bad = [n for n in tv.names if n not in params]
         if bad:
             raise ValueError(f"task-vector tensor {bad[0]!r} is not a parameter or buffer of the model")
         for n, s in zip(tv.names, tv.shapes, strict=True):
-            t = params.get(n, dict(model.named_buffers()).get(n))
+            t = params[n]
             if tuple(t.shape) != tuple(s):
                 raise ValueError(f"tensor {n!r}: the model has shape {tuple(t.shape)}, the task vectors {s}")
         self.model = model

@@ -184,13 +184,14 @@ def test_polar_partial_isometry_on_zero_columns():
 
 def test_cpu_workers_split_the_stack(monkeypatch):
     a = lowrank_noise(5, 30, 20)
+    threads = torch.get_num_threads()
     monkeypatch.setenv("FASTMERGE_THREADS", "1")
     one = subspace.svd_topk(a, 4)
     monkeypatch.setenv("FASTMERGE_THREADS", "2")
     two = subspace.svd_topk(a, 4)
     for x, y in zip(one, two, strict=True):
         torch.testing.assert_close(x, y)
-    assert torch.get_num_threads() >= 1
+    assert torch.get_num_threads() == threads  # the workers' one-thread setting is undone
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,8 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
-from demo import file_digest, merge_config, run_merge  # noqa: E402
+from demo import cli_merge, file_digest, merge_config, merged_key, summarize  # noqa: E402
 from minilm import evaluate, experts, tasks  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -137,13 +136,6 @@ def run_tta(kind, base, expert_dirs, tlist, heads_emb, schedule):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def summarize(label, acc, expert_acc, **extra):
-    names = [n for n in expert_acc if n in acc]
-    avg = 100 * sum(acc[n] for n in names) / len(names)
-    norm = 100 * sum(acc[n] / expert_acc[n] for n in names) / len(names)
-    return {"label": label, "acc": acc, "avg": avg, "norm": norm, **extra}
-
-
 def markdown(rows, tlist, meta):
     cols = [SHORT.get(t.name, t.name) for t in tlist]
     lines = [f"# Accuracy benchmark ({meta['design']}): MiniLM-L6 experts on {len(tlist)} real text tasks",
@@ -237,17 +229,13 @@ def main(argv=None):
             if args.quick and method == "doge_ta":
                 gp["steps"] = schedule["doge_steps"]
             cfg = merge_config(method, base, [expert_dirs[t.name] for t in tlist], mp, gp, copy.deepcopy(extra))
-            path, out = os.path.join(tmp, f"m{i}.yaml"), os.path.join(tmp, f"out{i}")
-            with open(path, "w") as f:
-                yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
             log(f"merging: {label}")
-            rc, seconds, peak, output = run_merge(path, out)
+            rc, seconds, peak, output, out = cli_merge(cfg, tmp, f"out{i}")
             if rc != 0:
                 log(f"  fastmerge merge failed (exit {rc}):\n{output[-2000:]}")
                 failed.append(label)
                 continue
-            acc = cached_eval("/".join(["merged", file_digest(os.path.join(out, "model.safetensors"))]
-                                       + [f"{t.name}-{t.spec_hash()}" for t in tlist]), out, tlist)
+            acc = cached_eval(merged_key(out, tlist), out, tlist)
             row = summarize(label, acc, expert_acc, seconds=seconds, peak_mb=peak, kind="cli")
             log(f"  {seconds:.1f} s, avg {row['avg']:.1f}, norm {row['norm']:.1f}")
             rows.append(row)
