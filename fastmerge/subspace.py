@@ -19,9 +19,11 @@ Modes (``mode=``):
   flat part of the spectrum it picks different (equally good) directions than an exact SVD, so merged
   weights can differ by 1e-2-1e-1 relative. Opt-in; the benchmarks print its error.
 
-The polar factor (the orthogonal matrix closest to X, U V^T of its thin SVD) is X (X^T X)^(-1/2) from the fp64
-Gram's eigendecomposition; eigenvalues at round-off level (exactly dependent or zero columns) are treated as
-zero, so the factor is a partial isometry there. Wherever the official code multiplies those directions by a
+The polar factor (the orthogonal matrix closest to X, U V^T of its thin SVD) is X W with W = (X^T X)^(-1/2) from
+the fp64 Gram's eigendecomposition (``polar_right`` returns W itself, for callers that can multiply it into a
+smaller neighbour first; for two orthonormal blocks, TSV-M's case at T = 2, it has a closed form from the
+principal angles between the blocks); eigenvalues at round-off level (exactly dependent or zero columns) are
+treated as zero, so the factor is a partial isometry there. Wherever the official code multiplies those directions by a
 zero singular value (TSV-M's empty slots) the result is the same; an SVD fills them with an arbitrary
 orthonormal completion instead.
 """
@@ -120,6 +122,18 @@ def _eigh_desc(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:, -k:].flip(-1), v[:, :, -k:].flip(-1)
 
 
+W_FP32 = 100.0  # the largest polar-factor coefficient an fp32 product with it may take (see _product)
+
+
+def _product(w: torch.Tensor) -> torch.dtype:
+    """The dtype to apply a polar factor's r x r matrix W in. ||W|| = 1/sigma_min of the matrix, which is large
+    wherever its columns are nearly dependent (tasks sharing a direction: 1e5 when two tasks' top singular
+    vectors agree to 1e-11, as on real task vectors), and X W then cancels: an fp32 product would lose
+    ||W|| x 6e-8. Up to W_FP32 (errors <= ~1e-5) fp32; beyond it fp64 (X W is an isometry, so rounding the
+    result to fp32 afterwards is harmless)."""
+    return torch.float64 if w.dtype == torch.float64 and float(w.abs().amax()) > W_FP32 else torch.float32
+
+
 def _work(a: torch.Tensor) -> torch.dtype:
     """The dtype the GEMMs that apply eigenvectors run in: fp64 for fp64 inputs, else fp32 (only the Gram
     matrices and the eigensolvers need fp64; applying their result is an ordinary, well-conditioned GEMM)."""
@@ -138,9 +152,11 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
     return ad.mT @ ad
 
 
-def _topk_gram(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of (B, m, n) from the fp64 Gram of the smaller side. Singular values at
-    round-off level get zero vectors (an SVD would return arbitrary orthonormal ones)."""
+def _topk_gram(a: torch.Tensor, k: int,
+               dt: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets of (B, m, n) from the fp64 Gram of the smaller side; the other side's vectors
+    by a GEMM in ``dt`` (default ``_work(a)``). Singular values at round-off level get zero vectors (an SVD
+    would return arbitrary orthonormal ones)."""
     m, n = a.shape[-2:]
     tall = m >= n
     at = a if tall else a.mT
@@ -148,24 +164,78 @@ def _topk_gram(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
     s = w.clamp_min(0).sqrt()
     tol = s[:, :1] * (max(m, n) * torch.finfo(torch.float64).eps * 8)
     inv = torch.where(s > tol, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
-    dt = _work(a)
+    dt = dt or _work(a)
     u = (at.to(dt) @ v.to(dt)) * inv.to(dt).unsqueeze(1)
     return (u, s, v.mT) if tall else (v, s, u.mT)
 
 
-def _polar_gram(x: torch.Tensor, with_nuclear: bool = False):
-    """(B, m, r) with m >= r: X (X^T X)^(-1/2) (pseudo-inverse on round-off eigenvalues): the Gram and its
-    eigendecomposition in fp64, then one GEMM with the r x r factor; optionally also the sum of X's singular
-    values (its nuclear norm)."""
+def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, m, r) with m >= r: W = (X^T X)^(-1/2) (pseudo-inverse on round-off eigenvalues), so that
+    polar(X) = X W, from the fp64 Gram's eigendecomposition; and the sum of X's singular values (its nuclear
+    norm). W is fp64."""
     w, q = torch.linalg.eigh(_gram(x))
     tol = w[:, -1:].clamp_min(0) * (x.shape[-2] * torch.finfo(torch.float64).eps * 8)
     pos = w > tol
     inv = torch.where(pos, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
-    dt = _work(x)
-    p = x.to(dt) @ ((q * inv.unsqueeze(1)) @ q.mT).to(dt)
-    if with_nuclear:
-        return p, torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w)).sum(-1)
-    return p
+    return (q * inv.unsqueeze(1)) @ q.mT, torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w)).sum(-1)
+
+
+def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """W (B, 2k, 2k) fp64 with polar([X1 X2]) = [X1 X2] W, for blocks (B, m, k) with orthonormal columns each.
+
+    The Gram is [[I, C], [C^T, I]] with C = X1^T X2. With C^T C = Q diag(s^2) Q^T (the cosines s of the
+    principal angles between the blocks), G^(-1/2) = [[I + C Q diag(phi) Q^T C^T, C Q diag(psi) Q^T],
+    [Q diag(psi) Q^T C^T, I + Q diag(s^2 phi) Q^T]] with a = (1+s)^(-1/2), b = (1-s)^(-1/2),
+    phi = ((a+b)/2 - 1)/s^2 and psi = (a-b)/(2s): both smooth at s = 0, so C's left singular vectors are
+    never formed. A shared direction (1 - s at round-off level) is G's null space: b is taken as 0 there, as
+    the pseudo-inverse does. A zero column (a round-off singular value of the task) stays zero."""
+    x1, x2 = x1.double(), x2.double()
+    c = x1.mT @ x2
+    lam, q = torch.linalg.eigh(c.mT @ c)
+    s = lam.clamp(0, 1).sqrt()
+    tol = 2 * x1.shape[-2] * torch.finfo(torch.float64).eps * 8
+    one_minus = (1 - lam.clamp(max=1)) / (1 + s)  # 1 - s, without cancellation
+    # (a - 1)/s and (b - 1)/s without cancellation; b = 0 on shared directions
+    am1 = -1 / ((1 + s).sqrt() * (1 + (1 + s).sqrt()))
+    shared = one_minus <= tol
+    rb = one_minus.clamp_min(tol).sqrt()
+    bm1 = torch.where(shared, torch.zeros_like(s), 1 / (rb * (1 + rb)))
+    small = s < 1e-4
+    ss = s.clamp_min(1e-4)
+    phi = torch.where(small, 0.375 + 35 / 128 * s * s, (am1 + bm1) / (2 * ss))
+    psi = torch.where(small, -0.5 - 5 / 16 * s * s, (am1 - bm1) / 2)
+    # shared: b = 0, so f - 1 = a/2 - 1 and h = a/2 (no small-s case: s is about 1 there)
+    a = (1 + s).rsqrt()
+    phi = torch.where(shared, (a / 2 - 1) / (s * s).clamp_min(1e-300), phi)
+    psi = torch.where(shared, a / (2 * s.clamp_min(1e-300)), psi)
+    cq = c @ q
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    top = torch.cat([eye + (cq * phi.unsqueeze(1)) @ cq.mT, (cq * psi.unsqueeze(1)) @ q.mT], -1)
+    b22 = eye + (q * (s * s * phi).unsqueeze(1)) @ q.mT
+    return torch.cat([top, torch.cat([top[..., c.shape[-1]:].mT, b22], -1)], -2)
+
+
+def polar_right(x: torch.Tensor, *, pair: bool = False) -> torch.Tensor:
+    """The r x r matrix W with polar(X) = X W for each tall matrix X (..., m, r) of a stack (m >= r), fp64:
+    W = (X^T X)^(-1/2) from the fp64 Gram (see ``polar``). Applying W to X's neighbours in a product instead of
+    forming polar(X) saves an m x r x r GEMM wherever r x r products come first (TSV-M's U W S W' V^T).
+
+    ``pair=True``: X = [X1 X2] of two equal blocks, each with orthonormal columns (zero columns allowed; TSV-M's
+    packed singular vectors at T = 2): W in closed form from the k x k principal-angle problem of X1^T X2, one
+    eigendecomposition of half the size (an eighth of the work) and no m x r Gram."""
+    xs, single = _stack(x, "x")
+    m, r = xs.shape[-2:]
+    if m < r:
+        raise ValueError(f"polar_right needs a tall matrix (m >= r), got {m} x {r}")
+    if xs.shape[0] == 0 or r == 0:
+        w = xs.new_zeros(xs.shape[0], r, r, dtype=torch.float64)
+    elif pair:
+        if r % 2:
+            raise ValueError(f"polar_right(pair=True) needs two equal blocks, got {r} columns")
+        w = batched(lambda xb: _polar_pair(xb[..., : r // 2], xb[..., r // 2:]), xs)
+    else:
+        w = batched(lambda xb: _polar_gram(xb)[0], xs)
+    return w[0] if single else w.reshape(*x.shape[:-2], r, r)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,12 +259,13 @@ def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _topk_randomized(a: torch.Tensor, k: int, oversample: int, power_iters: int, seed: int):
+def _topk_randomized(a: torch.Tensor, k: int, oversample: int, power_iters: int, seed: int,
+                     dt: torch.dtype | None = None):
     b, m, n = a.shape
     r = min(m, n)
     ell = min(r, k + oversample)
     if ell >= r:  # nothing to gain: the full-accuracy path
-        return _topk_gram(a, k)
+        return _topk_gram(a, k, dt)
     af = a.float()
     g = torch.Generator(device=a.device).manual_seed(seed)
     omega = torch.randn(b, n, ell, generator=g, device=a.device, dtype=af.dtype)
@@ -203,7 +274,7 @@ def _topk_randomized(a: torch.Tensor, k: int, oversample: int, power_iters: int,
         z = _orthonormalize(af.mT @ y)
         y = _orthonormalize(af @ z)
     proj = y.mT @ af  # (B, ell, n)
-    u, s, vh = _topk_gram(proj, k)
+    u, s, vh = _topk_gram(proj, k, dt)
     return y.double() @ u, s, vh
 
 
@@ -212,10 +283,12 @@ def _topk_randomized(a: torch.Tensor, k: int, oversample: int, power_iters: int,
 
 
 def svd_topk(a: torch.Tensor, k: int, *, mode: str = "fast", oversample: int | None = None, power_iters: int = 2,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             seed: int = 0, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets of each matrix in a stack: U (..., m, k), S (..., k), Vh (..., k, n).
 
-    Returned in fp32 (fp64 for fp64 input). ``mode``: exact | fast | randomized (see the module docstring);
+    Returned in ``dtype``: default fp32 (fp64 for fp64 input); fp64 from fp32 input also forms the vectors
+    that the fast path derives by a GEMM in fp64 (orthonormal to fp64 round-off, for callers whose next step
+    is sensitive to it). ``mode``: exact | fast | randomized (see the module docstring);
     ``oversample`` (default max(10, k/2)) and ``power_iters`` apply to randomized only; ``seed`` makes its
     test matrix reproducible."""
     _check_mode(mode)
@@ -223,7 +296,8 @@ def svd_topk(a: torch.Tensor, k: int, *, mode: str = "fast", oversample: int | N
     r = min(x.shape[-2:])
     if not 0 <= k <= r:
         raise ValueError(f"k must lie in [0, min(m, n)] = [0, {r}], got {k}")
-    out_dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    out_dt = dtype or (torch.float64 if a.dtype == torch.float64 else torch.float32)
+    work = torch.float64 if out_dt == torch.float64 else None
     if k == 0 or x.shape[0] == 0:
         u = x.new_zeros(*x.shape[:-1], k, dtype=out_dt)
         res = (u, x.new_zeros(x.shape[0], k, dtype=out_dt), x.new_zeros(x.shape[0], k, x.shape[-1], dtype=out_dt))
@@ -233,10 +307,10 @@ def svd_topk(a: torch.Tensor, k: int, *, mode: str = "fast", oversample: int | N
             return u[..., :k], s[..., :k], vh[..., :k, :]
         res = batched(exact, x)
     elif mode == "fast":
-        res = batched(lambda xb: _topk_gram(xb, k), x)
+        res = batched(lambda xb: _topk_gram(xb, k, work), x)
     else:
         p = max(10, k // 2) if oversample is None else int(oversample)
-        res = batched(lambda xb: _topk_randomized(xb, k, p, power_iters, seed), x)
+        res = batched(lambda xb: _topk_randomized(xb, k, p, power_iters, seed, work), x)
     res = tuple(t.to(out_dt) for t in res)
     if single:
         return res[0][0], res[1][0], res[2][0]
@@ -267,7 +341,9 @@ def polar(x: torch.Tensor, *, mode: str = "fast", nuclear: bool = False):
         tall = m >= n
 
         def fast(xb):
-            p, nuc = _polar_gram(xb if tall else xb.mT, with_nuclear=True)
+            xt = xb if tall else xb.mT
+            w, nuc = _polar_gram(xt)
+            p = xt.to(_product(w)) @ w.to(_product(w))
             return (p if tall else p.mT), nuc
         p, nuc = batched(fast, xs)
     p, nuc = p.to(out_dt), nuc.to(out_dt)

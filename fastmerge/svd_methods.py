@@ -20,7 +20,8 @@ Semantics follow the official code (../shared/spec/algorithms.md §1, §4.4-4.5)
   stored as they are.
 
 ``fastmerge: {svd: exact | fast | randomized}`` picks the kernels (fastmerge.subspace): exact is the official
-``torch.linalg.svd`` everywhere, fast (default) the fp64-Gram eigensolvers (same result to ~1e-5),
+``torch.linalg.svd`` everywhere, fast (default) the fp64-Gram eigensolvers (closer to the fp64 result than the
+official fp32 SVDs are, see ``_orthogonalise``),
 randomized a range finder (``svd_oversample``, ``svd_power_iters``) for k << r, approximate.
 ``exclude_keys`` (substrings; default ``[text_projection]``, the official rule) sends matching 2-D tensors
 to the mean instead; FusionBench excludes nothing by default (``exclude_keys: []``).
@@ -88,6 +89,12 @@ def _mean(calls) -> list[torch.Tensor]:
     return _finish(calls, m)
 
 
+def _compute(taus: torch.Tensor) -> torch.Tensor:
+    """The compute dtype of the *_delta functions: fp32, or fp64 for fp64 task vectors (exact mode on fp64
+    input is then the mathematically exact result the benchmarks measure both modes against)."""
+    return taus if taus.dtype == torch.float64 else taus.float()
+
+
 def _pack(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
     """(G, T, m, k), (G, T, k), (G, T, k, n) -> U (G, m, T k), s (G, T k), Vh (G, T k, n), task after task."""
     G, T, m, k = u.shape
@@ -95,43 +102,67 @@ def _pack(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
     return u.permute(0, 2, 1, 3).reshape(G, m, T * k), s.reshape(G, T * k), vh.reshape(G, T * k, n)
 
 
-def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str) -> torch.Tensor:
-    """polar(U) diag(s) polar(Vh) for stacks U (G, m, p), s (G, p), Vh (G, p, n). (Vh keeps the official
-    orientation: an SVD of its transpose rounds differently, and the polar factor amplifies round-off by
-    the packed matrix's condition number.)"""
-    return (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
+def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str, pair: bool = False,
+                   dt: torch.dtype = torch.float32) -> torch.Tensor:
+    """polar(U) diag(s) polar(Vh) for stacks U (G, m, p), s (G, p), Vh (G, p, n).
+
+    exact: both polar factors by SVD, Vh in the official orientation (an SVD of its transpose rounds
+    differently, and the polar factor amplifies round-off by the packed matrix's condition number).
+    fast: polar(U) = U W_u and polar(Vh) = W_v Vh (``subspace.polar_right``). While both W are small enough
+    for fp32 products (``subspace.W_FP32``), the products run in fp32 and in the cheapest order: the polar
+    factor of the smaller side is formed, the p x p neighbours are multiplied into it, and only then comes the
+    one large GEMM, so the larger side's polar factor (an m x p x p GEMM) is never formed. Otherwise (tasks
+    sharing directions) both polar factors are formed in fp64 and only the final GEMM runs in fp32, where an
+    isometry, like exact mode's SVD-based factor, loses nothing. ``pair``: U and Vh^T are two orthonormal
+    blocks each (TSV-M at T = 2), solved in closed form; that form takes each block's orthonormality for
+    granted, so U and Vh must then be fp64 (fp32 rounding alone, 6e-8, moves a Gram eigenvalue of 1e-6 by
+    10 %; the Gram path sees the rounded matrix as it is)."""
+    if mode == "exact":
+        return (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
+    wu = subspace.polar_right(U, pair=pair)
+    wv = subspace.polar_right(Vh.mT, pair=pair)
+    if dt == torch.float64 or max(float(wu.abs().amax()), float(wv.abs().amax())) > subspace.W_FP32:
+        pu = (U.double() @ wu).to(dt)
+        pv = (wv @ Vh.double()).to(dt)
+        return (pu * s.to(dt).unsqueeze(1)) @ pv
+    wu, wv = wu.to(dt), wv.to(dt)
+    U, s, Vh = U.to(dt), s.to(dt), Vh.to(dt)
+    if U.shape[-2] >= Vh.shape[-1]:  # tall: the row side is smaller
+        return U @ ((wu * s.unsqueeze(1)) @ (wv @ Vh))
+    return ((U @ wu) @ (s.unsqueeze(-1) * wv)) @ Vh
 
 
 def tsv_m_delta(taus: torch.Tensor, *, mode: str = "fast", oversample: int | None = None,
                 power_iters: int = 2) -> torch.Tensor:
-    """TSV-M's merged update of stacks of task matrices: taus (..., T, m, n) -> (..., m, n) fp32 (alpha not
+    """TSV-M's merged update of stacks of task matrices: taus (..., T, m, n) -> (..., m, n) (alpha not
     applied). ``mode``: exact | fast | randomized (fastmerge.subspace)."""
     lead, (T, m, n) = taus.shape[:-3], taus.shape[-3:]
-    t = taus.reshape(-1, T, m, n).float()
+    t = _compute(taus.reshape(-1, T, m, n))
     G = t.shape[0]
     k = subspace.tsv_pack_sizes(min(m, n), T)
+    pair = T == 2 and mode != "exact"
     u, s, vh = subspace.svd_topk(t.reshape(G * T, m, n), k, mode=mode, oversample=oversample,
-                                 power_iters=power_iters)
+                                 power_iters=power_iters, dtype=torch.float64 if pair else None)
     U, S, V = _pack(u.reshape(G, T, m, k), s.reshape(G, T, k), vh.reshape(G, T, k, n))
     pad = min(m, n) - T * k
     if mode == "exact" and pad:  # the official code's zero slots (they change only the rounding)
         U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, 0, 0, pad))
         S = torch.nn.functional.pad(S, (0, pad))
-    return _orthogonalise(U, S, V, _polar(mode)).reshape(*lead, m, n)
+    return _orthogonalise(U, S, V, _polar(mode), pair, t.dtype).reshape(*lead, m, n)
 
 
 def iso_c_delta(taus: torch.Tensor, *, mode: str = "fast") -> torch.Tensor:
     """Iso-C's update: mean singular value x polar factor of the sum; taus (..., T, m, n) -> (..., m, n)."""
-    total = taus.float().sum(-3)
+    total = _compute(taus).sum(-3)
     p, nuc = subspace.polar(total, mode=_polar(mode), nuclear=True)
     return p * (nuc / min(total.shape[-2:]))[..., None, None]
 
 
 def iso_cts_delta(taus: torch.Tensor, *, common_fraction: float = 0.8, mode: str = "fast",
                   oversample: int | None = None, power_iters: int = 2) -> torch.Tensor:
-    """Iso-CTS's update; taus (..., T, m, n) -> (..., m, n) fp32."""
+    """Iso-CTS's update; taus (..., T, m, n) -> (..., m, n)."""
     lead, (T, m, n) = taus.shape[:-3], taus.shape[-3:]
-    t = taus.reshape(-1, T, m, n).float()
+    t = _compute(taus.reshape(-1, T, m, n))
     G = t.shape[0]
     kc, st = subspace.iso_cts_sizes(min(m, n), T, common_fraction)
     kw = {"mode": mode, "oversample": oversample, "power_iters": power_iters}
@@ -145,7 +176,7 @@ def iso_cts_delta(taus: torch.Tensor, *, common_fraction: float = 0.8, mode: str
     else:
         U, S, V = uc, sc, vhc
     mean = S.mean(1, keepdim=True).expand_as(S)
-    return _orthogonalise(U, mean, V, _polar(mode)).reshape(*lead, m, n)
+    return _orthogonalise(U, mean, V, _polar(mode), dt=t.dtype).reshape(*lead, m, n)
 
 
 def _kw(o: dict[str, Any]) -> dict[str, Any]:

@@ -182,6 +182,50 @@ def test_polar_partial_isometry_on_zero_columns():
         subspace.polar(x, mode="randomized")
 
 
+def _orthonormal_pair(m, k, seed=0):
+    """Stacks of two orthonormal blocks (B=4, m, k) each: generic angles, exactly shared directions, nearly
+    orthogonal blocks, and a block with a zero column (an empty TSV-M slot)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def q(x):
+        return torch.linalg.qr(x).Q
+
+    x1 = q(torch.randn(4, m, k, generator=g, dtype=torch.float64))
+    x2 = q(torch.randn(4, m, k, generator=g, dtype=torch.float64))
+    x2[1] = q(torch.cat([x1[1, :, :3], torch.randn(m, k - 3, generator=g, dtype=torch.float64)], 1))
+    x2[2] = q(x2[2] - x1[2] @ (x1[2].T @ x2[2]) + 1e-9 * x1[2, :, :k])  # s ~ 1e-9: the small-angle series
+    x2[3, :, 0] = 0
+    return x1, x2
+
+
+@pytest.mark.parametrize(("m", "k"), [(40, 7), (301, 64)])
+def test_polar_right_pair_matches_gram(m, k):
+    """The closed-form two-block factor equals the Gram eigendecomposition's (fp64: to round-off) and the
+    SVD's polar factor wherever that is unique (no shared direction, no zero column)."""
+    x1, x2 = _orthonormal_pair(m, k)
+    x = torch.cat([x1, x2], -1)
+    pair, gram = x @ subspace.polar_right(x, pair=True), x @ subspace.polar_right(x)
+    torch.testing.assert_close(pair, gram, rtol=1e-10, atol=1e-10)
+    U, _, Vh = torch.linalg.svd(x[::2], full_matrices=False)
+    torch.testing.assert_close(pair[::2], U @ Vh, rtol=1e-9, atol=1e-9)
+    # a shared direction: the factor is a partial isometry (its Gram is a projector of rank 2k - 3)
+    g = pair[1].T @ pair[1]
+    torch.testing.assert_close(g @ g, g, rtol=1e-8, atol=1e-8)
+    assert round(float(torch.trace(g))) == 2 * k - 3
+    # fp32 blocks (as TSV-M's fast path has them): within fp32 round-off of the Gram path
+    x32 = x[[0, 2, 3]].float()
+    torch.testing.assert_close(x32 @ subspace.polar_right(x32, pair=True).float(),
+                               x32 @ subspace.polar_right(x32).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_polar_right_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="tall"):
+        subspace.polar_right(torch.randn(5, 8))
+    with pytest.raises(ValueError, match="two equal blocks"):
+        subspace.polar_right(torch.randn(9, 5), pair=True)
+    assert subspace.polar_right(torch.randn(2, 6, 0)).shape == (2, 0, 0)
+
+
 def test_cpu_workers_split_the_stack(monkeypatch):
     a = lowrank_noise(5, 30, 20)
     threads = torch.get_num_threads()
