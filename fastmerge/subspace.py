@@ -122,16 +122,24 @@ def _eigh_desc(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:, -k:].flip(-1), v[:, :, -k:].flip(-1)
 
 
-W_FP32 = 100.0  # the largest polar-factor coefficient an fp32 product with it may take (see _product)
+W_FP32 = 100.0  # the largest condition number a polar factor is applied at in fp32 (see apply_polar)
 
 
-def _product(w: torch.Tensor) -> torch.dtype:
-    """The dtype to apply a polar factor's r x r matrix W in. ||W|| = 1/sigma_min of the matrix, which is large
-    wherever its columns are nearly dependent (tasks sharing a direction: 1e5 when two tasks' top singular
-    vectors agree to 1e-11, as on real task vectors), and X W then cancels: an fp32 product would lose
-    ||W|| x 6e-8. Up to W_FP32 (errors <= ~1e-5) fp32; beyond it fp64 (X W is an isometry, so rounding the
-    result to fp32 afterwards is harmless)."""
-    return torch.float64 if w.dtype == torch.float64 and float(w.abs().amax()) > W_FP32 else torch.float32
+def apply_polar(x: torch.Tensor, w: torch.Tensor, cond: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """X W (the polar factor, ``polar_right``'s W) for a stack, in ``dt``. W's size is 1/sigma_min of X, and
+    X W cancels by X's condition number ``cond``: an fp32 product loses cond x 6e-8, which reaches 1e-3 where
+    tasks share a direction (cond 1e5 when two tasks' top singular vectors agree to 1e-11, as on real task
+    vectors) or a summed task matrix has a near-null direction. Matrices up to W_FP32 (errors <= ~1e-5) are
+    multiplied in fp32, the others in fp64 (the result, an isometry, loses nothing when rounded to fp32)."""
+    big = (cond > W_FP32) | (dt == torch.float64)
+    if not bool(big.any()):
+        return x.to(dt) @ w.to(dt)
+    if bool(big.all()):
+        return (x.double() @ w.double()).to(dt)
+    out = torch.empty(*x.shape[:-1], w.shape[-1], dtype=dt, device=x.device)
+    out[big] = (x[big].double() @ w[big].double()).to(dt)
+    out[~big] = x[~big].to(dt) @ w[~big].to(dt)
+    return out
 
 
 def _work(a: torch.Tensor) -> torch.dtype:
@@ -169,15 +177,17 @@ def _topk_gram(a: torch.Tensor, k: int,
     return (u, s, v.mT) if tall else (v, s, u.mT)
 
 
-def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, m, r) with m >= r: W = (X^T X)^(-1/2) (pseudo-inverse on round-off eigenvalues), so that
-    polar(X) = X W, from the fp64 Gram's eigendecomposition; and the sum of X's singular values (its nuclear
-    norm). W is fp64."""
+    polar(X) = X W, from the fp64 Gram's eigendecomposition; the sum of X's singular values (its nuclear
+    norm); and X's condition number over the directions kept. All fp64."""
     w, q = torch.linalg.eigh(_gram(x))
     tol = w[:, -1:].clamp_min(0) * (x.shape[-2] * torch.finfo(torch.float64).eps * 8)
     pos = w > tol
     inv = torch.where(pos, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
-    return (q * inv.unsqueeze(1)) @ q.mT, torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w)).sum(-1)
+    sv = torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w))
+    cond = sv[:, -1] * torch.where(pos, inv, torch.zeros_like(inv)).amax(-1)
+    return (q * inv.unsqueeze(1)) @ q.mT, sv.sum(-1), cond
 
 
 def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -342,8 +352,8 @@ def polar(x: torch.Tensor, *, mode: str = "fast", nuclear: bool = False):
 
         def fast(xb):
             xt = xb if tall else xb.mT
-            w, nuc = _polar_gram(xt)
-            p = xt.to(_product(w)) @ w.to(_product(w))
+            w, nuc, cond = _polar_gram(xt)
+            p = apply_polar(xt, w, cond, out_dt)
             return (p if tall else p.mT), nuc
         p, nuc = batched(fast, xs)
     p, nuc = p.to(out_dt), nuc.to(out_dt)

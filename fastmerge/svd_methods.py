@@ -121,15 +121,30 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
         return (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
     wu = subspace.polar_right(U, pair=pair)
     wv = subspace.polar_right(Vh.mT, pair=pair)
-    if dt == torch.float64 or max(float(wu.abs().amax()), float(wv.abs().amax())) > subspace.W_FP32:
-        pu = (U.double() @ wu).to(dt)
-        pv = (wv @ Vh.double()).to(dt)
-        return (pu * s.to(dt).unsqueeze(1)) @ pv
-    wu, wv = wu.to(dt), wv.to(dt)
-    U, s, Vh = U.to(dt), s.to(dt), Vh.to(dt)
-    if U.shape[-2] >= Vh.shape[-1]:  # tall: the row side is smaller
-        return U @ ((wu * s.unsqueeze(1)) @ (wv @ Vh))
-    return ((U @ wu) @ (s.unsqueeze(-1) * wv)) @ Vh
+    # U's and V's columns are unit vectors, so W's largest entry is (within sqrt(T)) the condition number
+    cond = torch.maximum(wu.abs().amax((-2, -1)), wv.abs().amax((-2, -1)))
+    big = (cond > subspace.W_FP32) | (dt == torch.float64)
+    out = torch.empty(U.shape[0], U.shape[-2], Vh.shape[-1], dtype=dt, device=U.device)
+    for sel, fp64 in _split(big):
+        u, w1, w2, sv, vh = U[sel], wu[sel], wv[sel], s[sel].to(dt), Vh[sel]
+        if fp64:  # the polar factors themselves, in fp64
+            pu = subspace.apply_polar(u, w1, cond[sel], dt)
+            out[sel] = (pu * sv.unsqueeze(1)) @ subspace.apply_polar(vh.mT, w2, cond[sel], dt).mT
+            continue
+        u, w1, w2, vh = u.to(dt), w1.to(dt), w2.to(dt), vh.to(dt)
+        if u.shape[-2] >= vh.shape[-1]:  # tall: the row side is smaller
+            out[sel] = u @ ((w1 * sv.unsqueeze(1)) @ (w2 @ vh))
+        else:
+            out[sel] = ((u @ w1) @ (sv.unsqueeze(-1) * w2)) @ vh
+    return out
+
+
+def _split(mask: torch.Tensor) -> list[tuple[Any, bool]]:
+    """(selector, value) for the True and the False part of a 1-D mask; one whole-stack slice where the mask
+    is uniform, so the common case copies nothing."""
+    if bool(mask.all()) or not bool(mask.any()):
+        return [(slice(None), bool(mask.all()))]
+    return [(mask, True), (~mask, False)]
 
 
 def tsv_m_delta(taus: torch.Tensor, *, mode: str = "fast", oversample: int | None = None,

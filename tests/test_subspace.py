@@ -168,6 +168,25 @@ def test_polar_matches_svd(shape):
         torch.testing.assert_close(nuc.double(), S.sum(-1), rtol=1e-5, atol=1e-6)
 
 
+def test_polar_ill_conditioned_stack():
+    """A stack mixing condition numbers 10, 1e5 and 1e3 (fp32): the ill-conditioned members are multiplied
+    by their W in fp64 (an fp32 product loses cond x 6e-8: 4e-4 at 1e5, as exact mode's fp32 SVD does),
+    the well-conditioned one in fp32; all match the fp64 polar factor to 1e-6."""
+    g = torch.Generator().manual_seed(0)
+
+    def mat(cond):
+        u = torch.linalg.qr(torch.randn(60, 40, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64)).Q
+        return (u * torch.logspace(0, -math.log10(cond), 40, dtype=torch.float64)) @ v.T * 1e-2
+
+    x = torch.stack([mat(10.0), mat(1e5), mat(1e3)]).float()
+    U, _, Vh = torch.linalg.svd(x.double(), full_matrices=False)
+    p = subspace.polar(x)
+    assert p.dtype == torch.float32
+    for i in range(3):
+        assert float((p[i].double() - U[i] @ Vh[i]).norm() / math.sqrt(40)) < 1e-6, i
+
+
 def test_polar_partial_isometry_on_zero_columns():
     """TSV-M's packed U has empty slots: the factor is zero there and an isometry on the rest."""
     q = torch.linalg.qr(torch.randn(50, 12)).Q
