@@ -73,16 +73,22 @@ def subspace_section(benchmarks: list) -> None:
         return
     provs = sorted({p for r in rows.values() for p in r if p != "official"})
     print("\n## Against the official-style loop (same inputs, same run): wall time, speed-up, relative error\n")
+    print("err: against the official loop's result; fp64: against the same algorithm in fp64 (where measured).\n")
     print("| op | shape | T | official | " + " | ".join(provs) + " |")
     print("|---|---|---|---|" + "---|" * len(provs))
-    for (op, block, T), r in sorted(rows.items()):
+
+    def fp64(x):
+        return f", fp64 {x['err_vs_fp64']}" if "err_vs_fp64" in x else ""
+
+    for (op, block, T), r in sorted(rows.items(), key=lambda kv: tuple(str(v) for v in kv[0][:2]) + (kv[0][2] or 0,)):
         cells = []
         for p in provs:
             x = r.get(p)
             cells.append("" if x is None else f"{x['wall_s']:.2f} s, **{x.get('speedup_vs_official', '?')}x**, "
-                                               f"err {x.get('err_vs_exact', '?')}")
-        off = r.get("official", {}).get("wall_s")
-        print(f"| {op} | {block} | {T} | {'' if off is None else f'{off:.2f} s'} | " + " | ".join(cells) + " |")
+                                               f"err {x.get('err_vs_exact', '?')}{fp64(x)}")
+        o = r.get("official")
+        off = "" if o is None else f"{o['wall_s']:.2f} s{fp64(o)}"
+        print(f"| {op} | {block} | {T} | {off} | " + " | ".join(cells) + " |")
 
 
 def engine_section(benchmarks: list) -> None:

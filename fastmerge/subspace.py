@@ -274,7 +274,7 @@ def _topk_randomized(a: torch.Tensor, k: int, oversample: int, power_iters: int,
     b, m, n = a.shape
     r = min(m, n)
     ell = min(r, k + oversample)
-    if ell >= r:  # nothing to gain: the full-accuracy path
+    if 2 * ell >= r:  # nothing to gain (measured: 1.0x at TSV-M's T = 2, and 0.2 off): the full-accuracy path
         return _topk_gram(a, k, dt)
     af = a.float()
     g = torch.Generator(device=a.device).manual_seed(seed)

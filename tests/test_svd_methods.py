@@ -233,3 +233,15 @@ def test_fast_mode_where_tasks_share_directions(T):
     assert _rel(official, truth) > 5 * _rel(fast, truth)
     iso = svd_methods.iso_c_delta(taus.double(), mode="exact")
     assert _rel(svd_methods.iso_c_delta(taus), iso) <= 1e-3
+
+
+def test_fast_mode_mixed_stack_equals_one_by_one():
+    """A stack whose members take different precision paths (one with shared directions, one without) gives
+    each member what it gets alone."""
+    g = torch.Generator().manual_seed(1)
+    spike = torch.randn(80, 2, generator=g) @ torch.randn(2, 48, generator=g)
+    shared = torch.stack([spike + 1e-3 * torch.randn(80, 48, generator=g) for _ in range(2)])
+    benign = torch.randn(2, 80, 48, generator=g)
+    both = svd_methods.tsv_m_delta(torch.stack([shared, benign]))
+    for i, t in enumerate((shared, benign)):
+        torch.testing.assert_close(both[i], svd_methods.tsv_m_delta(t), rtol=1e-5, atol=1e-6)
