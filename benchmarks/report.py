@@ -130,6 +130,11 @@ def engine_section(benchmarks: list) -> None:
                   f"| {_mb(mk.get('peak_rss_mb'))} | {_mb(fm.get('peak_rss_mb'))} "
                   f"| {fm.get('rss_ratio', '')} | {fm.get('gbps', '')} / {fm.get('engine_gbps', '')} "
                   f"| {'' if 'meets_target' not in fm else ('yes' if fm['meets_target'] else '**no**')} | {other} |")
+        speed = [f"{m} {p['fastmerge']['eigh1024_fp64_ms']} ms" for m, p in sorted(rows.items())
+                 if "eigh1024_fp64_ms" in p.get("fastmerge", {})]
+        if speed:
+            print("\n- the VM's speed at each wall-time case, as one fp64 1024 x 1024 eigh on one thread: "
+                  + ", ".join(speed))
     if gpu:
         fm, floor = gpu.get("fastmerge_cuda", {}), gpu.get("read_to_gpu", {})
         print(f"\n- GPU ({fm.get('device') or floor.get('device', '?')}), ties: fastmerge --device cuda "

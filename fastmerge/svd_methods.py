@@ -119,6 +119,8 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
     10 %; the Gram path sees the rounded matrix as it is)."""
     if mode == "exact":
         return (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
+    if U.shape[-1] == 0:  # no triplet kept (r < T): the update is zero
+        return U.new_zeros(U.shape[0], U.shape[-2], Vh.shape[-1], dtype=dt)
     wu = subspace.polar_right(U, pair=pair)
     wv = subspace.polar_right(Vh.mT, pair=pair)
     # U's and V's columns are unit vectors, so W's largest entry is (within sqrt(T)) the condition number

@@ -138,7 +138,8 @@ def official_tsv_m(taus):
     m, n = taus[0].shape
     r = min(m, n)
     k = int(r * (1 / T))
-    u_bar, s_bar, v_bar = torch.zeros(m, r), torch.zeros(r), torch.zeros(r, n)
+    like = {"dtype": taus[0].dtype, "device": taus[0].device}
+    u_bar, s_bar, v_bar = torch.zeros(m, r, **like), torch.zeros(r, **like), torch.zeros(r, n, **like)
     for i, tau in enumerate(taus):
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
         u_bar[:, i * k:(i + 1) * k] = u[:, :k]

@@ -245,3 +245,14 @@ def test_fast_mode_mixed_stack_equals_one_by_one():
     both = svd_methods.tsv_m_delta(torch.stack([shared, benign]))
     for i, t in enumerate((shared, benign)):
         torch.testing.assert_close(both[i], svd_methods.tsv_m_delta(t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_fewer_directions_than_tasks(T):
+    """A matrix with r < T (e.g. a 2-label head merged from 3 tasks) keeps int(r/T) = 0 triplets per task:
+    a zero update in every mode, as the official code gives."""
+    taus = torch.randn(4, T, 1, 9) if T == 2 else torch.randn(4, T, 2, 9)
+    for mode in ("exact", "fast", "randomized"):
+        out = svd_methods.tsv_m_delta(taus, mode=mode)
+        assert out.shape == (4, *taus.shape[-2:]) and float(out.abs().max()) == 0.0, mode
+
