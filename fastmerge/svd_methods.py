@@ -66,18 +66,24 @@ def _polar(mode: str) -> str:
 
 
 def task_stack(calls) -> torch.Tensor:
-    """(G, T, *shape) fp32 task vectors w_t * (x_t - base) of a stack of same-shape tensor calls."""
-    out = []
-    for c in calls:
+    """(G, T, *shape) fp32 task vectors w_t * (x_t - base) of a stack of same-shape tensor calls, written in
+    place into one buffer (no per-task temporaries)."""
+    c0 = calls[0]
+    out = torch.empty(len(calls), len(c0.experts), *c0.base.shape, dtype=torch.float32, device=c0.base.device)
+    for g, c in enumerate(calls):
         b = c.base.float()
-        out.append(torch.stack([(x.float() - b) * float(p.get("weight", 1.0)) for x, p in
-                                zip(c.experts, c.expert_params, strict=True)]))
-    return torch.stack(out)
+        for t, (x, p) in enumerate(zip(c.experts, c.expert_params, strict=True)):
+            o = out[g, t]
+            o.copy_(x).sub_(b)
+            w = float(p.get("weight", 1.0))
+            if w != 1.0:
+                o.mul_(w)
+    return out
 
 
 def _finish(calls, delta: torch.Tensor) -> list[torch.Tensor]:
-    """base + alpha * delta per call, in each call's output dtype."""
-    return [(c.base.float() + float(c.shared["alpha"]) * d).to(c.out_dtype) for c, d in zip(calls, delta, strict=True)]
+    """base + alpha * delta per call, in each call's output dtype (delta is consumed)."""
+    return [d.mul_(float(c.shared["alpha"])).add_(c.base).to(c.out_dtype) for c, d in zip(calls, delta, strict=True)]
 
 
 def _mean(calls) -> list[torch.Tensor]:
