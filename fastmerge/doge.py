@@ -34,6 +34,7 @@ import torch
 
 from . import ops, subspace
 from .config import ConfigError, layer_index
+from .svd_methods import svd_mode, task_stack
 
 DEFAULTS = {"eta": 0.07, "density": 0.30, "subspace": 6, "lr": 1e-4, "steps": 400, "beta1": 0.9, "beta2": 0.999,
             "eps": 1e-8}
@@ -67,10 +68,7 @@ def options(opts: dict[str, Any]) -> dict[str, Any]:
     rule = opts.get("doge_layers", "auto")
     if rule not in SELECT:
         raise ConfigError(f"fastmerge.doge_layers: expected one of {', '.join(SELECT)}, got {rule!r}")
-    mode = opts.get("svd", "fast")
-    if mode not in subspace.MODES:
-        raise ConfigError(f"fastmerge.svd: expected one of {', '.join(subspace.MODES)}, got {mode!r}")
-    return {"rule": rule, "mode": mode}
+    return {"rule": rule, "mode": svd_mode(opts)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,8 +181,6 @@ def _params(call) -> dict[str, Any]:
 
 def merge_stack(calls) -> list[torch.Tensor]:
     """doge_ta on a stack of same-shape tensor calls (TensorCall)."""
-    from .svd_methods import task_stack
-
     c0 = calls[0]
     if not selected(c0.name, tuple(c0.base.shape), c0.stats["doge_rule"]):
         return [c.base.to(c.out_dtype) for c in calls]
@@ -194,8 +190,6 @@ def merge_stack(calls) -> list[torch.Tensor]:
 
 def am_stack(calls) -> list[torch.Tensor]:
     """doge_am's task vectors of a stack of calls: (T, *shape) fp32 each; unselected tensors keep tau_i."""
-    from .svd_methods import task_stack
-
     c0 = calls[0]
     taus = task_stack(calls)
     if not selected(c0.name, tuple(c0.base.shape), c0.stats["doge_rule"]):

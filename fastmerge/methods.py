@@ -439,11 +439,10 @@ def validate(cfg: MergeConfig) -> None:
             if fr is not None and not (isinstance(fr, (int, float)) and 0 < fr <= 1):
                 raise ConfigError(f"parameters.common_fraction: expected a number in (0, 1], got {fr!r}")
     else:
-        given = [k for k in SUBSPACE_OPTIONS if k in cfg.options and not (k == "svd" and m.name.startswith("doge"))]
-        given += [k for k in ("doge_layers",) if k in cfg.options and not m.name.startswith("doge")]
+        given = [k for k in (*SUBSPACE_OPTIONS, "doge_layers") if k in cfg.options]
         if given:
-            raise ConfigError(f"fastmerge.{given[0]}: applies to the subspace methods ({', '.join(SUBSPACE)}), "
-                              f"not {m.name}")
+            who = "doge_ta, doge_am" if given[0] == "doge_layers" else f"the subspace methods ({', '.join(SUBSPACE)})"
+            raise ConfigError(f"fastmerge.{given[0]}: applies to {who}, not {m.name}")
     if compat != "mergekit" and m.name not in ("ties",):
         raise ConfigError(f"fastmerge.compat: {compat} changes the semantics of ties only, not {m.name}")
 

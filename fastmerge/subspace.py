@@ -122,23 +122,35 @@ def _eigh_desc(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:, -k:].flip(-1), v[:, :, -k:].flip(-1)
 
 
-W_FP32 = 100.0  # the largest condition number a polar factor is applied at in fp32 (see apply_polar)
+W_FP32 = 100.0  # the largest condition number a polar factor is applied at in fp32 (see by_precision)
 
 
-def apply_polar(x: torch.Tensor, w: torch.Tensor, cond: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """X W (the polar factor, ``polar_right``'s W) for a stack, in ``dt``. W's size is 1/sigma_min of X, and
+def by_precision(cond: torch.Tensor, dt: torch.dtype) -> list[tuple[object, bool]]:
+    """How to apply polar factors to a stack: (selector, in fp64?) pairs. W's size is 1/sigma_min of X, and
     X W cancels by X's condition number ``cond``: an fp32 product loses cond x 6e-8, which reaches 1e-3 where
     tasks share a direction (cond 1e5 when two tasks' top singular vectors agree to 1e-11, as on real task
-    vectors) or a summed task matrix has a near-null direction. Matrices up to W_FP32 (errors <= ~1e-5) are
-    multiplied in fp32, the others in fp64 (the result, an isometry, loses nothing when rounded to fp32)."""
+    vectors) or a summed task matrix has a near-null direction. Matrices up to W_FP32 (errors <= ~1e-5) go in
+    fp32, the others in fp64 (the result, an isometry, loses nothing when rounded to fp32). One whole-stack
+    slice where all agree, so the common case copies nothing."""
     big = (cond > W_FP32) | (dt == torch.float64)
-    if not bool(big.any()):
-        return x.to(dt) @ w.to(dt)
-    if bool(big.all()):
-        return (x.double() @ w.double()).to(dt)
+    if bool(big.all()) or not bool(big.any()):
+        return [(slice(None), bool(big.all()))]
+    return [(big, True), (~big, False)]
+
+
+def _apply_polar(x: torch.Tensor, w: torch.Tensor, cond: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """X W (the polar factor, ``polar_right``'s W) for a stack, in ``dt``, each matrix in the precision
+    ``by_precision`` gives it."""
+    def one(sel, fp64):
+        wt = torch.float64 if fp64 else dt
+        return (x[sel].to(wt) @ w[sel].to(wt)).to(dt)
+
+    parts = by_precision(cond, dt)
+    if len(parts) == 1:
+        return one(*parts[0])
     out = torch.empty(*x.shape[:-1], w.shape[-1], dtype=dt, device=x.device)
-    out[big] = (x[big].double() @ w[big].double()).to(dt)
-    out[~big] = x[~big].to(dt) @ w[~big].to(dt)
+    for sel, fp64 in parts:
+        out[sel] = one(sel, fp64)
     return out
 
 
@@ -186,7 +198,7 @@ def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     pos = w > tol
     inv = torch.where(pos, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
     sv = torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w))
-    cond = sv[:, -1] * torch.where(pos, inv, torch.zeros_like(inv)).amax(-1)
+    cond = sv[:, -1] * inv.amax(-1)
     return (q * inv.unsqueeze(1)) @ q.mT, sv.sum(-1), cond
 
 
@@ -353,7 +365,7 @@ def polar(x: torch.Tensor, *, mode: str = "fast", nuclear: bool = False):
         def fast(xb):
             xt = xb if tall else xb.mT
             w, nuc, cond = _polar_gram(xt)
-            p = apply_polar(xt, w, cond, out_dt)
+            p = _apply_polar(xt, w, cond, out_dt)
             return (p if tall else p.mT), nuc
         p, nuc = batched(fast, xs)
     p, nuc = p.to(out_dt), nuc.to(out_dt)

@@ -39,13 +39,19 @@ from .config import ConfigError
 DEFAULT_EXCLUDE = ("text_projection",)
 
 
-def options(opts: dict[str, Any], method: str = "tsv_m") -> dict[str, Any]:
-    """The subspace settings of a config's ``fastmerge:`` section, checked, with defaults (TSV-C excludes no
-    key by default: the official code compresses every 2-D tensor)."""
+def svd_mode(opts: dict[str, Any]) -> str:
+    """``fastmerge.svd`` of a config's options, checked (default fast)."""
     mode = opts.get("svd", "fast")
     if mode not in subspace.MODES:
         raise ConfigError(f"fastmerge.svd: expected one of {', '.join(subspace.MODES)}, got {mode!r}")
-    out = {"mode": mode, "exclude": tuple(opts.get("exclude_keys", () if method == "tsv_c" else DEFAULT_EXCLUDE))}
+    return mode
+
+
+def options(opts: dict[str, Any], method: str = "tsv_m") -> dict[str, Any]:
+    """The subspace settings of a config's ``fastmerge:`` section, checked, with defaults (TSV-C excludes no
+    key by default: the official code compresses every 2-D tensor)."""
+    exclude = tuple(opts.get("exclude_keys", () if method == "tsv_c" else DEFAULT_EXCLUDE))
+    out = {"mode": svd_mode(opts), "exclude": exclude}
     if not all(isinstance(s, str) for s in out["exclude"]) or isinstance(opts.get("exclude_keys"), str):
         raise ConfigError(f"fastmerge.exclude_keys: expected a list of substrings, got {opts.get('exclude_keys')!r}")
     for key, default in (("svd_oversample", None), ("svd_power_iters", 2)):
@@ -115,7 +121,7 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
     exact: both polar factors by SVD, Vh in the official orientation (an SVD of its transpose rounds
     differently, and the polar factor amplifies round-off by the packed matrix's condition number).
     fast: polar(U) = U W_u and polar(Vh) = W_v Vh (``subspace.polar_right``). While both W are small enough
-    for fp32 products (``subspace.W_FP32``), the products run in fp32 and in the cheapest order: the polar
+    for fp32 products (``subspace.by_precision``), the products run in fp32 and in the cheapest order: the polar
     factor of the smaller side is formed, the p x p neighbours are multiplied into it, and only then comes the
     one large GEMM, so the larger side's polar factor (an m x p x p GEMM) is never formed. Otherwise (tasks
     sharing directions) both polar factors are formed in fp64 and only the final GEMM runs in fp32, where an
@@ -131,13 +137,12 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
     wv = subspace.polar_right(Vh.mT, pair=pair)
     # U's and V's columns are unit vectors, so W's largest entry is (within sqrt(T)) the condition number
     cond = torch.maximum(wu.abs().amax((-2, -1)), wv.abs().amax((-2, -1)))
-    big = (cond > subspace.W_FP32) | (dt == torch.float64)
     out = torch.empty(U.shape[0], U.shape[-2], Vh.shape[-1], dtype=dt, device=U.device)
-    for sel, fp64 in _split(big):
+    for sel, fp64 in subspace.by_precision(cond, dt):
         u, w1, w2, sv, vh = U[sel], wu[sel], wv[sel], s[sel].to(dt), Vh[sel]
         if fp64:  # the polar factors themselves, in fp64
-            pu = subspace.apply_polar(u, w1, cond[sel], dt)
-            out[sel] = (pu * sv.unsqueeze(1)) @ subspace.apply_polar(vh.mT, w2, cond[sel], dt).mT
+            pu, pv = (u.double() @ w1).to(dt), (w2 @ vh.double()).to(dt)
+            out[sel] = (pu * sv.unsqueeze(1)) @ pv
             continue
         u, w1, w2, vh = u.to(dt), w1.to(dt), w2.to(dt), vh.to(dt)
         if u.shape[-2] >= vh.shape[-1]:  # tall: the row side is smaller
@@ -145,14 +150,6 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
         else:
             out[sel] = ((u @ w1) @ (sv.unsqueeze(-1) * w2)) @ vh
     return out
-
-
-def _split(mask: torch.Tensor) -> list[tuple[Any, bool]]:
-    """(selector, value) for the True and the False part of a 1-D mask; one whole-stack slice where the mask
-    is uniform, so the common case copies nothing."""
-    if bool(mask.all()) or not bool(mask.any()):
-        return [(slice(None), bool(mask.all()))]
-    return [(mask, True), (~mask, False)]
 
 
 def tsv_m_delta(taus: torch.Tensor, *, mode: str = "fast", oversample: int | None = None,
