@@ -248,6 +248,20 @@ def test_polar_right_rejects_bad_shapes():
     assert subspace.polar_right(torch.randn(2, 6, 0)).shape == (2, 0, 0)
 
 
+@pytest.mark.parametrize("shape", [(1, 50, 384), (2, 60, 385), (1, 900, 800), (3, 20, 1000)], ids=str)
+def test_block_triangular_gram_is_the_plain_product(shape, monkeypatch):
+    """The CPU Gram multiplies only the lower block triangle and mirrors it: the same dot products as one
+    GEMM (also on transposed views, and with a block that does not divide n)."""
+    monkeypatch.setattr(subspace, "GRAM_BLOCK", 128)
+    a = torch.randn(*shape)
+    for x in (a, a.mT.contiguous().mT, torch.randn(shape[0], shape[2], shape[1]).mT):
+        xd = x.double()
+        got = subspace._gram(x)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, xd.mT @ xd, rtol=1e-13, atol=1e-11)
+        torch.testing.assert_close(got, got.mT, rtol=1e-13, atol=1e-11)
+
+
 def test_cpu_workers_split_the_stack(monkeypatch):
     a = lowrank_noise(5, 30, 20)
     threads = torch.get_num_threads()
