@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
-	$(PIP) install -q numpy safetensors pybind11 pyyaml tqdm triton pytest pytest-benchmark ruff setuptools wheel ninja
+	$(PIP) install -q numpy safetensors pybind11 pyyaml tqdm threadpoolctl triton pytest pytest-benchmark ruff setuptools wheel ninja
 	$(PIP) install -q mergekit==0.1.5  # the peer the engine's golden tests and benchmarks compare against
 	touch $@
 

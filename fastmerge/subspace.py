@@ -3,7 +3,9 @@
 Every function takes a stack of same-shape matrices (``(..., m, n)``; a single matrix is a stack of one) and
 works in batch: one LAPACK/cuSOLVER or BLAS/cuBLAS call per step for the whole stack. On the CPU the stack is
 split over worker threads, each running single-threaded LAPACK (two threads of one-threaded ``eigh`` beat one
-two-threaded ``eigh`` by 1.2-1.7x on the 2-core CI VM, and MKL's LAPACK barely scales at these sizes).
+two-threaded ``eigh`` by 1.2-1.7x on the 2-core CI VM, and MKL's LAPACK barely scales at these sizes). The
+symmetric eigensolver (``eigh``) is torch's or numpy's LAPACK, whichever this machine runs faster (timed once
+per process): on the CI VM numpy's OpenBLAS is 1.17-1.26x MKL's at n = 512-1024.
 
 Modes (``mode=``):
 
@@ -30,9 +32,11 @@ orthonormal completion instead.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,8 +67,22 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+@functools.cache
+def _numpy_blas():
+    """threadpoolctl's handle on numpy's BLAS/LAPACK thread pool (OpenBLAS in numpy's wheels), or None without
+    threadpoolctl: numpy's LAPACK then stays out of the worker threads, whose calls must run one-threaded."""
+    import numpy.linalg  # noqa: F401  (its BLAS must be loaded to be found)
+
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
 class _one_thread:
-    """torch intra-op threads set to 1 while worker threads run LAPACK side by side (restored after)."""
+    """torch's intra-op threads and numpy's BLAS threads set to 1 while worker threads run LAPACK side by side
+    (restored after)."""
 
     depth = 0
     lock = threading.Lock()
@@ -74,6 +92,8 @@ class _one_thread:
             if _one_thread.depth == 0:
                 _one_thread.saved = torch.get_num_threads()
                 torch.set_num_threads(1)
+                blas = _numpy_blas()
+                _one_thread.blas = blas.limit(limits=1) if blas is not None and len(blas) else None
             _one_thread.depth += 1
 
     def __exit__(self, *exc):
@@ -81,6 +101,8 @@ class _one_thread:
             _one_thread.depth -= 1
             if _one_thread.depth == 0:
                 torch.set_num_threads(_one_thread.saved)
+                if _one_thread.blas is not None:
+                    _one_thread.blas.restore_original_limits()
 
 
 def batched(fn: Callable[..., tuple | torch.Tensor], *xs: torch.Tensor) -> tuple | torch.Tensor:
@@ -116,9 +138,52 @@ def _check_mode(mode: str) -> None:
 # eigen-based building blocks (fp64)
 
 
+EIGH_NUMPY_MIN = 256  # below this size the two LAPACKs are within ~10 % and torch's call is cheaper to reach
+_calibration = threading.Lock()
+
+
+@functools.cache
+def _numpy_eigh_faster() -> bool:
+    """Whether numpy's LAPACK (OpenBLAS in its wheels) beats torch's (MKL in the x86 wheels) at a CPU fp64
+    symmetric eigendecomposition here. Timed once per process, one thread each, interleaved, best of 3 on a
+    512 x 512 SPD matrix; numpy's is taken when it is at least 5 % faster. On the CI VM (AMD EPYC) it is
+    1.17x at 512 and 1.26x at 1024: MKL's tridiagonal reduction takes twice OpenBLAS's there."""
+    if _numpy_blas() is None or not len(_numpy_blas()):
+        return False
+    import numpy as np
+
+    g = torch.randn(512, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g = g @ g.mT
+    a = g.numpy()
+    best = {"torch": math.inf, "numpy": math.inf}
+    with _one_thread():
+        for rnd in range(4):  # round 0 warms both up
+            for name, fn in (("torch", lambda: torch.linalg.eigh(g)), ("numpy", lambda: np.linalg.eigh(a))):
+                t0 = time.perf_counter()
+                fn()
+                if rnd:
+                    best[name] = min(best[name], time.perf_counter() - t0)
+    return best["numpy"] < 0.95 * best["torch"]
+
+
+def eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh of a stack of symmetric matrices (lower triangles read), eigenvalues ascending. CPU
+    fp64 stacks of n >= EIGH_NUMPY_MIN go to numpy's LAPACK where that is measured faster
+    (``_numpy_eigh_faster``; it releases the GIL, so worker threads run side by side as with torch's)."""
+    if g.device.type == "cpu" and g.dtype == torch.float64 and g.shape[-1] >= EIGH_NUMPY_MIN:
+        with _calibration:  # one calibration, with the other workers waiting rather than competing
+            fast = _numpy_eigh_faster()
+        if fast:
+            import numpy as np
+
+            w, v = np.linalg.eigh(g.contiguous().numpy())
+            return torch.from_numpy(w), torch.from_numpy(v)
+    return torch.linalg.eigh(g)
+
+
 def _eigh_desc(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs of symmetric (B, n, n), largest first."""
-    w, v = torch.linalg.eigh(g)
+    w, v = eigh(g)
     return w[:, -k:].flip(-1), v[:, :, -k:].flip(-1)
 
 
@@ -202,7 +267,7 @@ def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """(B, m, r) with m >= r: W = (X^T X)^(-1/2) (pseudo-inverse on round-off eigenvalues), so that
     polar(X) = X W, from the fp64 Gram's eigendecomposition; the sum of X's singular values (its nuclear
     norm); and X's condition number over the directions kept. All fp64."""
-    w, q = torch.linalg.eigh(_gram(x))
+    w, q = eigh(_gram(x))
     tol = w[:, -1:].clamp_min(0) * (x.shape[-2] * torch.finfo(torch.float64).eps * 8)
     pos = w > tol
     inv = torch.where(pos, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
@@ -222,7 +287,7 @@ def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     the pseudo-inverse does. A zero column (a round-off singular value of the task) stays zero."""
     x1, x2 = x1.double(), x2.double()
     c = x1.mT @ x2
-    lam, q = torch.linalg.eigh(c.mT @ c)
+    lam, q = eigh(c.mT @ c)
     s = lam.clamp(0, 1).sqrt()
     tol = 2 * x1.shape[-2] * torch.finfo(torch.float64).eps * 8
     one_minus = (1 - lam.clamp(max=1)) / (1 + s)  # 1 - s, without cancellation

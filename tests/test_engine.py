@@ -240,6 +240,30 @@ def test_peak_memory_bounded_by_budget(tmp_path):
     assert growth < total / 4, m
 
 
+def test_malloc_policy_keeps_freed_memory_for_cpu_stack_methods_only(fam, tmp_path, monkeypatch):
+    """Stack methods on the CPU keep freed blocks in glibc's heap for the merge (their temporaries would
+    otherwise come back as fresh zeroed pages); streaming methods return them (bounded RSS, as above)."""
+    from fastmerge import engine
+
+    seen = []
+
+    class Spy(engine._MallocPolicy):
+        def __enter__(self):
+            seen.append(self.keep)
+            return super().__enter__()
+
+    monkeypatch.setattr(engine, "_MallocPolicy", Spy)
+    fastmerge.merge(cfg("ties", fam, {"weight": 0.5, "density": 0.5}), str(tmp_path / "a"), quiet=True,
+                    device="cpu")
+    fastmerge.merge(cfg("tsv_m", fam), str(tmp_path / "b"), quiet=True, device="cpu")
+    glibc = engine._glibc() is not None
+    assert seen == [False, glibc]
+    with engine._MallocPolicy(keep_freed=True) as p:  # and back: usable again after a merge
+        assert p.keep == glibc
+        x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+        del x
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bad input: clear errors, nothing written
 

@@ -262,6 +262,33 @@ def test_block_triangular_gram_is_the_plain_product(shape, monkeypatch):
         torch.testing.assert_close(got, got.mT, rtol=1e-13, atol=1e-11)
 
 
+@pytest.mark.parametrize("numpy_lapack", [True, False], ids=["numpy", "torch"])
+def test_eigh_either_lapack(numpy_lapack, monkeypatch):
+    """The CPU fp64 eigensolver takes numpy's LAPACK where that is measured faster: same eigenvalues, same
+    eigenspaces (projectors), ascending, on a stack large enough to take that path and with a repeated eigenvalue."""
+    monkeypatch.setattr(subspace, "_numpy_eigh_faster", lambda: numpy_lapack)
+    n = subspace.EIGH_NUMPY_MIN + 7
+    q = torch.linalg.qr(torch.randn(2, n, n, dtype=torch.float64)).Q
+    lam = torch.linspace(1, 2, n, dtype=torch.float64).repeat(2, 1)
+    lam[:, -3:] = 5.0  # a threefold top eigenvalue: only its eigenspace is defined
+    g = (q * lam.unsqueeze(1)) @ q.mT
+    w, v = subspace.eigh(g)
+    torch.testing.assert_close(w, lam, rtol=0, atol=1e-12)
+    top = v[..., -3:] @ v[..., -3:].mT
+    torch.testing.assert_close(top, q[..., -3:] @ q[..., -3:].mT, rtol=0, atol=1e-10)
+    torch.testing.assert_close(v.mT @ v, torch.eye(n, dtype=torch.float64).expand(2, n, n), rtol=0, atol=1e-12)
+
+
+def test_worker_threads_run_numpy_blas_single_threaded():
+    blas = subspace._numpy_blas()
+    if blas is None or not len(blas):
+        pytest.skip("threadpoolctl sees no BLAS under numpy here")
+    with blas.limit(limits=2):  # as on a 2-core machine without OMP_NUM_THREADS=1
+        with subspace._one_thread():
+            assert [i["num_threads"] for i in blas.info()] == [1] * len(blas)
+        assert [i["num_threads"] for i in blas.info()] == [2] * len(blas)
+
+
 def test_cpu_workers_split_the_stack(monkeypatch):
     a = lowrank_noise(5, 30, 20)
     threads = torch.get_num_threads()
