@@ -5,7 +5,7 @@ works in batch: one LAPACK/cuSOLVER or BLAS/cuBLAS call per step for the whole s
 split over worker threads, each running single-threaded LAPACK (two threads of one-threaded ``eigh`` beat one
 two-threaded ``eigh`` by 1.2-1.7x on the 2-core CI VM, and MKL's LAPACK barely scales at these sizes). The
 symmetric eigensolver (``eigh``) is torch's or numpy's LAPACK, whichever this machine runs faster (timed once
-per process): on the CI VM numpy's OpenBLAS is 1.17-1.26x MKL's at n = 512-1024.
+per process; ``_numpy_faster``), and so are the fp64 Gram matrices and GEMMs around it.
 
 Modes (``mode=``):
 
@@ -138,17 +138,19 @@ def _check_mode(mode: str) -> None:
 # eigen-based building blocks (fp64)
 
 
-EIGH_NUMPY_MIN = 256  # below this size the two LAPACKs are within ~10 % and torch's call is cheaper to reach
+NUMPY_MIN = 256  # below this size the two libraries are within ~10 % and torch's call is cheaper to reach
 _calibration = threading.Lock()
 
 
 @functools.cache
-def _numpy_eigh_faster() -> bool:
-    """Whether numpy's LAPACK (OpenBLAS in its wheels) beats torch's (MKL in the x86 wheels) at CPU fp64
-    symmetric eigendecompositions here. Where they differ it is in the tridiagonal reduction, so that is what is
-    timed, cheaply: eigenvalues only, once per process, one thread each, interleaved, best of 3 on a 384 x 384
-    SPD matrix (~50 ms); numpy's is taken when it is at least 15 % faster. On the CI VM (AMD EPYC) that step is
-    1.46x, and whole eigendecompositions are 1.17x at n = 512 and 1.26x at 1024."""
+def _numpy_faster() -> bool:
+    """Whether numpy's BLAS/LAPACK (OpenBLAS in its wheels) beats torch's (MKL in the x86 wheels) at the CPU fp64
+    work of the fast path: symmetric eigendecompositions, Gram matrices, GEMMs. Where the libraries differ most
+    is the eigensolver's tridiagonal reduction, so that is what is timed, cheaply: eigenvalues only, once per
+    process, one thread each, interleaved, best of 3 on a 384 x 384 SPD matrix (~60 ms); numpy's is taken when
+    it is at least 15 % faster. On the CI VM (AMD EPYC) that step is 1.46x; whole eigendecompositions are 1.17x
+    at n = 512 and 1.26x at 1024, fp64 GEMMs 1.1-1.2x, and numpy computes X^T X by a symmetric rank-k update
+    (half the flops; torch has none): 1.3x the block-triangular torch Gram below."""
     blas = _numpy_blas()
     if blas is None or not len(blas):
         return False
@@ -168,19 +170,32 @@ def _numpy_eigh_faster() -> bool:
     return best["numpy"] * 1.15 <= best["torch"]
 
 
-def eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.linalg.eigh of a stack of symmetric matrices (lower triangles read), eigenvalues ascending. CPU
-    fp64 stacks of n >= EIGH_NUMPY_MIN go to numpy's LAPACK where that is measured faster
-    (``_numpy_eigh_faster``; it releases the GIL, so worker threads run side by side as with torch's)."""
-    if g.device.type == "cpu" and g.dtype == torch.float64 and g.shape[-1] >= EIGH_NUMPY_MIN:
-        with _calibration:  # one calibration, with the other workers waiting rather than competing
-            fast = _numpy_eigh_faster()
-        if fast:
-            import numpy as np
+def _use_numpy(t: torch.Tensor) -> bool:
+    """Whether a CPU fp64 operand of size >= NUMPY_MIN goes to numpy's BLAS/LAPACK (``_numpy_faster``; numpy
+    releases the GIL in them, so the worker threads run side by side as with torch's)."""
+    if t.device.type != "cpu" or t.dtype != torch.float64 or t.shape[-1] < NUMPY_MIN:
+        return False
+    with _calibration:  # one calibration, with the other workers waiting rather than competing
+        return _numpy_faster()
 
-            w, v = np.linalg.eigh(g.contiguous().numpy())
-            return torch.from_numpy(w), torch.from_numpy(v)
+
+def eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh of a stack of symmetric matrices (lower triangles read), eigenvalues ascending; on
+    numpy's LAPACK where that is faster (``_use_numpy``)."""
+    if _use_numpy(g):
+        import numpy as np
+
+        w, v = np.linalg.eigh(g.numpy())
+        return torch.from_numpy(w), torch.from_numpy(v)
     return torch.linalg.eigh(g)
+
+
+def _mm64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp64 a @ b of stacks, on numpy's BLAS where that is faster (``_use_numpy``)."""
+    a, b = a.double(), b.double()
+    if _use_numpy(a):
+        return torch.from_numpy(a.numpy() @ b.numpy())
+    return a @ b
 
 
 def _eigh_desc(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,12 +246,16 @@ GRAM_BLOCK = 384  # column block of the CPU Gram (measured best of 256/384/512 o
 
 
 def _gram(a: torch.Tensor) -> torch.Tensor:
-    """fp64 A^T A of a stack (B, m, n). On the CPU only the lower block triangle is multiplied (GEMMs of the
-    trailing columns against one block of GRAM_BLOCK columns) and mirrored: 1.3-1.6x a full GEMM on the CI VM,
-    and exact (the same dot products). The data are squared in fp64 as they are: no reduction to a triangular
+    """fp64 A^T A of a stack (B, m, n): a symmetric rank-k update on numpy's BLAS where that is faster
+    (``_use_numpy``). Otherwise, on the CPU, only the lower block triangle is multiplied (GEMMs of the trailing
+    columns against one block of GRAM_BLOCK columns) and mirrored: 1.3-1.6x a full GEMM on the CI VM, and
+    exact (the same dot products). The data are squared in fp64 as they are: no reduction to a triangular
     factor first (an fp32 QR moved the small singular values by eps32 |A| and was slower than this)."""
     ad = a.double()
     n = ad.shape[-1]
+    if _use_numpy(ad):
+        x = ad.numpy()
+        return torch.from_numpy(x.swapaxes(-1, -2) @ x)  # numpy sees X^T X and calls syrk
     if ad.device.type != "cpu" or n <= GRAM_BLOCK:
         return ad.mT @ ad
     g = ad.new_empty(*ad.shape[:-2], n, n)
@@ -261,7 +280,7 @@ def _topk_gram(a: torch.Tensor, k: int,
     tol = s[:, :1] * (max(m, n) * torch.finfo(torch.float64).eps * 8)
     inv = torch.where(s > tol, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
     dt = dt or _work(a)
-    u = (at.to(dt) @ v.to(dt)) * inv.to(dt).unsqueeze(1)
+    u = (_mm64(at, v) if dt == torch.float64 else at.to(dt) @ v.to(dt)) * inv.to(dt).unsqueeze(1)
     return (u, s, v.mT) if tall else (v, s, u.mT)
 
 
@@ -275,7 +294,7 @@ def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     inv = torch.where(pos, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
     sv = torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w))
     cond = sv[:, -1] * inv.amax(-1)
-    return (q * inv.unsqueeze(1)) @ q.mT, sv.sum(-1), cond
+    return _mm64(q * inv.unsqueeze(1), q.mT), sv.sum(-1), cond
 
 
 def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -288,8 +307,8 @@ def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     never formed. A shared direction (1 - s at round-off level) is G's null space: b is taken as 0 there, as
     the pseudo-inverse does. A zero column (a round-off singular value of the task) stays zero."""
     x1, x2 = x1.double(), x2.double()
-    c = x1.mT @ x2
-    lam, q = eigh(c.mT @ c)
+    c = _mm64(x1.mT, x2)
+    lam, q = eigh(_mm64(c.mT, c))
     s = lam.clamp(0, 1).sqrt()
     tol = 2 * x1.shape[-2] * torch.finfo(torch.float64).eps * 8
     one_minus = (1 - lam.clamp(max=1)) / (1 + s)  # 1 - s, without cancellation
@@ -306,10 +325,10 @@ def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     a = (1 + s).rsqrt()
     phi = torch.where(shared, (a / 2 - 1) / (s * s).clamp_min(1e-300), phi)
     psi = torch.where(shared, a / (2 * s.clamp_min(1e-300)), psi)
-    cq = c @ q
+    cq = _mm64(c, q)
     eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
-    top = torch.cat([eye + (cq * phi.unsqueeze(1)) @ cq.mT, (cq * psi.unsqueeze(1)) @ q.mT], -1)
-    b22 = eye + (q * (s * s * phi).unsqueeze(1)) @ q.mT
+    top = torch.cat([eye + _mm64(cq * phi.unsqueeze(1), cq.mT), _mm64(cq * psi.unsqueeze(1), q.mT)], -1)
+    b22 = eye + _mm64(q * (s * s * phi).unsqueeze(1), q.mT)
     return torch.cat([top, torch.cat([top[..., c.shape[-1]:].mT, b22], -1)], -2)
 
 

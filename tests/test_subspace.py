@@ -248,10 +248,12 @@ def test_polar_right_rejects_bad_shapes():
     assert subspace.polar_right(torch.randn(2, 6, 0)).shape == (2, 0, 0)
 
 
+@pytest.mark.parametrize("numpy_blas", [True, False], ids=["numpy-syrk", "torch-blocks"])
 @pytest.mark.parametrize("shape", [(1, 50, 384), (2, 60, 385), (1, 900, 800), (3, 20, 1000)], ids=str)
-def test_block_triangular_gram_is_the_plain_product(shape, monkeypatch):
-    """The CPU Gram multiplies only the lower block triangle and mirrors it: the same dot products as one
-    GEMM (also on transposed views, and with a block that does not divide n)."""
+def test_cpu_gram_is_the_plain_product(shape, numpy_blas, monkeypatch):
+    """The CPU Gram is numpy's symmetric rank-k update, or torch GEMMs over the lower block triangle, mirrored:
+    the plain product either way (also on transposed views, and with a block that does not divide n)."""
+    monkeypatch.setattr(subspace, "_numpy_faster", lambda: numpy_blas)
     monkeypatch.setattr(subspace, "GRAM_BLOCK", 128)
     a = torch.randn(*shape)
     for x in (a, a.mT.contiguous().mT, torch.randn(shape[0], shape[2], shape[1]).mT):
@@ -266,8 +268,8 @@ def test_block_triangular_gram_is_the_plain_product(shape, monkeypatch):
 def test_eigh_either_lapack(numpy_lapack, monkeypatch):
     """The CPU fp64 eigensolver takes numpy's LAPACK where that is measured faster: same eigenvalues, same
     eigenspaces (projectors), ascending, on a stack large enough to take that path and with a repeated eigenvalue."""
-    monkeypatch.setattr(subspace, "_numpy_eigh_faster", lambda: numpy_lapack)
-    n = subspace.EIGH_NUMPY_MIN + 7
+    monkeypatch.setattr(subspace, "_numpy_faster", lambda: numpy_lapack)
+    n = subspace.NUMPY_MIN + 7
     q = torch.linalg.qr(torch.randn(2, n, n, dtype=torch.float64)).Q
     lam = torch.linspace(1, 2, n, dtype=torch.float64).repeat(2, 1)
     lam[:, -3:] = 5.0  # a threefold top eigenvalue: only its eigenspace is defined
