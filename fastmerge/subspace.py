@@ -171,9 +171,11 @@ def _numpy_faster() -> bool:
 
 
 def _use_numpy(t: torch.Tensor) -> bool:
-    """Whether a CPU fp64 operand of size >= NUMPY_MIN goes to numpy's BLAS/LAPACK (``_numpy_faster``; numpy
-    releases the GIL in them, so the worker threads run side by side as with torch's)."""
-    if t.device.type != "cpu" or t.dtype != torch.float64 or t.shape[-1] < NUMPY_MIN:
+    """Whether a CPU fp64 operand of size >= NUMPY_MIN goes to numpy's BLAS/LAPACK (``_numpy_faster``): only
+    inside the one-threaded worker threads (numpy releases the GIL there, so they run side by side as with
+    torch's). Elsewhere both libraries would run their own thread pools at once, and torch's OpenMP threads,
+    spinning between parallel regions, slow OpenBLAS's down (1.3-1.6x slower on single-matrix stacks)."""
+    if _one_thread.depth == 0 or t.device.type != "cpu" or t.dtype != torch.float64 or t.shape[-1] < NUMPY_MIN:
         return False
     with _calibration:  # one calibration, with the other workers waiting rather than competing
         return _numpy_faster()

@@ -258,7 +258,8 @@ def test_cpu_gram_is_the_plain_product(shape, numpy_blas, monkeypatch):
     a = torch.randn(*shape)
     for x in (a, a.mT.contiguous().mT, torch.randn(shape[0], shape[2], shape[1]).mT):
         xd = x.double()
-        got = subspace._gram(x)
+        with subspace._one_thread():
+            got = subspace._gram(x)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, xd.mT @ xd, rtol=1e-13, atol=1e-11)
         torch.testing.assert_close(got, got.mT, rtol=1e-13, atol=1e-11)
@@ -268,13 +269,20 @@ def test_cpu_gram_is_the_plain_product(shape, numpy_blas, monkeypatch):
 def test_eigh_either_lapack(numpy_lapack, monkeypatch):
     """The CPU fp64 eigensolver takes numpy's LAPACK where that is measured faster: same eigenvalues, same
     eigenspaces (projectors), ascending, on a stack large enough to take that path and with a repeated eigenvalue."""
+    import numpy as np
+
     monkeypatch.setattr(subspace, "_numpy_faster", lambda: numpy_lapack)
+    calls = []
+    real = np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda a: calls.append(a.shape) or real(a))
     n = subspace.NUMPY_MIN + 7
     q = torch.linalg.qr(torch.randn(2, n, n, dtype=torch.float64)).Q
     lam = torch.linspace(1, 2, n, dtype=torch.float64).repeat(2, 1)
     lam[:, -3:] = 5.0  # a threefold top eigenvalue: only its eigenspace is defined
     g = (q * lam.unsqueeze(1)) @ q.mT
-    w, v = subspace.eigh(g)
+    with subspace._one_thread():  # numpy's LAPACK is used in the one-threaded workers only
+        w, v = subspace.eigh(g)
+    assert calls == ([(2, n, n)] if numpy_lapack else [])
     torch.testing.assert_close(w, lam, rtol=0, atol=1e-12)
     top = v[..., -3:] @ v[..., -3:].mT
     torch.testing.assert_close(top, q[..., -3:] @ q[..., -3:].mT, rtol=0, atol=1e-10)
