@@ -255,7 +255,7 @@ class _MallocPolicy:
     eigenvectors, whole stacks) are allocated and freed over and over, and each block returned to the OS comes
     back as fresh zeroed pages, one fault per 4 KiB: 23 s of system time in a 78 s TSV-M merge of the 268M
     benchmark model on the 2-core CI VM. During the merge they stay in the heap instead (no mmap; the heap is
-    trimmed only above 256 MiB free): 67 s, 3 s of system time, ~0.6 GiB more peak RSS. glibc's defaults for
+    trimmed only above 256 MiB free): 67 s, 3 s of system time, 0.6-0.9 GiB more peak RSS. glibc's defaults for
     both settings are restored, and the heap trimmed, when the merge ends."""
 
     def __init__(self, keep_freed: bool):
