@@ -177,6 +177,9 @@ def magnitude_threshold(tensors: torch.Tensor | list[torch.Tensor], k: int) -> f
     ts = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     if not ts:
         raise ValueError("tensors must hold at least one tensor, got an empty list")
+    n = sum(t.numel() for t in ts)
+    if n <= _SMALL:
+        return _small_threshold(ts, n, k)
     sel = MagnitudeThreshold(ts[0].device, _zeroed_hist(ts[0].device))
     for t in ts:
         sel.add(t)
@@ -184,6 +187,22 @@ def magnitude_threshold(tensors: torch.Tensor | list[torch.Tensor], k: int) -> f
         for t in ts:
             sel.add(t)
     return sel.threshold()
+
+
+_SMALL = 1 << 14  # below this many elements a selection beats a 65536-bin histogram and its scan
+
+
+def _small_threshold(ts: list[torch.Tensor], n: int, k: int) -> float:
+    """magnitude_threshold for few elements: the same fp32 magnitude keys, ranked by a selection."""
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}] (elements seen), got {k}")
+    keys = torch.cat([t.detach().to(ts[0].device).float().reshape(-1).view(torch.int32) & 0x7FFFFFFF for t in ts])
+    for t in ts:
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"NaN in tensor (shape {tuple(t.shape)}): cannot rank magnitudes")
+    if k == 0:
+        return math.inf
+    return _key_to_float(int(keys.kthvalue(n - k + 1).values))
 
 
 def row_kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
