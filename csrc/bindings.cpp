@@ -53,6 +53,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("adam_step_cpu", &fastmerge::adam_step_cpu, py::arg("param"), py::arg("grad"), py::arg("exp_avg"),
         py::arg("exp_avg_sq"), py::arg("scale"), py::arg("repeat"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("step"), NOGIL);
+  m.def("mapped_guard_watch", &fastmerge::mapped_guard_watch, py::arg("address"), py::arg("length"));
+  m.def("mapped_guard_unwatch", &fastmerge::mapped_guard_unwatch, py::arg("slot"));
+  m.def("mapped_guard_faults", &fastmerge::mapped_guard_faults);
 #ifdef FASTMERGE_WITH_CUDA
   FM_BIND_ALL(cuda)
 #endif

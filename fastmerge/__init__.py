@@ -4,11 +4,28 @@ Importing fastmerge never initialises CUDA and never imports triton; a missing c
 triton is reported when an op is called, with the command that fixes it (see ``python -m fastmerge.info``).
 """
 
-from . import consensus, ops, reference
-from .backends import NoBackendError
-from .consensus import breadcrumbs, dare, della, magnitude_prune, ties, ties_global
-from .ops import MagnitudeThreshold, magnitude_threshold, name_key
-from .svd_methods import iso_c_delta, iso_cts_delta, tsv_m_delta
+import importlib
+
+# Attributes load on first use (PEP 562), so that `fastmerge.cli` starts without importing torch: the command
+# line installs its signal handling first (fastmerge.signals), and a Ctrl-C during torch's import is not lost.
+_LAZY = {
+    "consensus": ".consensus", "ops": ".ops", "reference": ".reference",
+    "NoBackendError": ".backends",
+    "breadcrumbs": ".consensus", "dare": ".consensus", "della": ".consensus", "magnitude_prune": ".consensus",
+    "ties": ".consensus", "ties_global": ".consensus",
+    "MagnitudeThreshold": ".ops", "magnitude_threshold": ".ops", "name_key": ".ops",
+    "iso_c_delta": ".svd_methods", "iso_cts_delta": ".svd_methods", "tsv_m_delta": ".svd_methods",
+}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'fastmerge' has no attribute {name!r}")
+    m = importlib.import_module(mod, __name__)
+    value = m if mod == f".{name}" else getattr(m, name)
+    globals()[name] = value
+    return value
 
 
 def merge(config, out_dir, **options):

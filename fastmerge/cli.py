@@ -41,32 +41,42 @@ def main(argv: list[str] | None = None) -> int:
 
         info_main()
         return 0
-    from .config import ConfigError
-    from .io import CheckpointError
+    from .signals import Interrupted, deferred, interruptible
 
+    with deferred() as early:  # torch and numpy load here: a signal now is acted on once they have
+        from .config import ConfigError
+        from .engine import merge
+        from .io import CheckpointError
+        from .store import reconstruct
+    if early.pending is not None:
+        return _interrupted(args.cmd, Interrupted(early.pending))
     try:
-        if args.cmd == "merge":
-            from .engine import merge
-
-            s = merge(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
-                      seed=args.seed, memory_budget=args.memory_budget, quiet=args.quiet)
-            if args.summary_json:
-                with open(args.summary_json, "w") as f:
-                    json.dump(s.as_dict(), f, indent=2)
-            if not args.quiet:
-                print(s)
-        else:
-            from .store import reconstruct
-
-            res = reconstruct(args.store, args.task, args.out_dir, out_shard_size=args.out_shard_size)
-            print(f"task {res['task']} (scale {res['scale']:.4g}) -> {res['out_dir']}")
+        with interruptible():
+            if args.cmd == "merge":
+                s = merge(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
+                          seed=args.seed, memory_budget=args.memory_budget, quiet=args.quiet)
+                if args.summary_json:
+                    with open(args.summary_json, "w") as f:
+                        json.dump(s.as_dict(), f, indent=2)
+                if not args.quiet:
+                    print(s)
+            else:
+                res = reconstruct(args.store, args.task, args.out_dir, out_shard_size=args.out_shard_size)
+                print(f"task {res['task']} (scale {res['scale']:.4g}) -> {res['out_dir']}")
     except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, OSError) as e:
         print(f"fastmerge {args.cmd}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fastmerge {args.cmd}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(args.cmd, e)
     return 0
+
+
+def _interrupted(cmd: str, e: KeyboardInterrupt) -> int:
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"fastmerge {cmd}: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+    return 128 + signum
 
 
 def run() -> None:

@@ -15,14 +15,18 @@ tensors and the header go through the page cache, so no page is ever written bot
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import math
 import mmap
 import os
+import shlex
 import shutil
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +56,7 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the model, the file and the tensor."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives: file, dtype, shape and absolute byte range in the file."""
 
@@ -68,8 +72,89 @@ class TensorInfo:
         return self.end - self.start
 
 
+_FIELDS = frozenset(("data_offsets", "dtype", "shape"))
+
+
+def _pairs(where: str):
+    """A json ``object_pairs_hook``: refuses duplicate keys (json would keep the last silently) and turns each
+    tensor entry into a compact tuple as it is parsed, so a header of many entries costs little more memory
+    than its text."""
+    def hook(pairs):
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise CheckpointError(f"{where}: corrupt safetensors header (key {dup!r} appears twice)")
+        if len(d) == 3 and d.keys() == _FIELDS:
+            name, shape, off = d["dtype"], d["shape"], d["data_offsets"]
+            dtype = DTYPES.get(name) if type(name) is str else None
+            ok = dtype is not None and type(shape) is list and type(off) is list and len(off) == 2
+            if ok:
+                for v in shape:
+                    if type(v) is not int or v < 0:
+                        ok = False
+                        break
+                b, e = off
+                ok = ok and type(b) is int and type(e) is int and 0 <= b <= e
+            if ok:
+                shape = tuple(shape)
+                return _Entry((dtype, shapes.setdefault(shape, shape), b, e))
+            return _Raw((name, shape, off))
+        return d
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
+    return hook
+
+
+class _Entry(tuple):
+    """(torch dtype, shape tuple, begin, end) of a well-formed header entry, as parsed."""
+
+    __slots__ = ()
+
+
+class _Raw(tuple):
+    """(dtype, shape, data_offsets) of a malformed header entry, as parsed, for the error message."""
+
+    __slots__ = ()
+
+
+def _start(t: TensorInfo) -> int:
+    return t.start
+
+
+def _uint(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _json(raw: bytes | str, where: str, what: str, hook=None):
+    """JSON text -> object, every failure (syntax, encoding, nesting too deep for the parser) as CheckpointError."""
+    try:
+        return json.loads(raw, object_pairs_hook=hook)
+    except CheckpointError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: corrupt {what} ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: corrupt {what} (JSON nested too deeply)") from None
+
+
+def _malformed(where: str, name: str, dname, shape, offsets):
+    """Raise the CheckpointError that names what is wrong with a malformed header entry."""
+    if not (isinstance(dname, str) and dname in DTYPES):
+        raise CheckpointError(f"{where}: tensor {name!r} has an unsupported dtype {dname!r} "
+                              f"(supported: {', '.join(DTYPES)})")
+    if not (isinstance(shape, list) and all(_uint(d) for d in shape)):
+        raise CheckpointError(f"{where}: tensor {name!r} has a malformed shape {shape!r} "
+                              "(expected a list of non-negative integers)")
+    raise CheckpointError(f"{where}: tensor {name!r} has malformed data_offsets {offsets!r} "
+                          "(expected [begin, end], integers, 0 <= begin <= end)")
+
+
 def read_header(path: str, model: str = "") -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors file's header. Raises CheckpointError naming the file and tensor."""
+    """Parse and validate one safetensors file's header as the format requires: a JSON object of unique tensor
+    names (and an optional ``__metadata__`` of strings), each with a known dtype, a shape of non-negative
+    integers and integer ``data_offsets`` that match it; the byte ranges in offset order tile the data area
+    exactly (no overlap, no gap, nothing after the last tensor). Raises CheckpointError naming the file and
+    the tensor."""
     where = f"{model}: {path}" if model else path
     try:
         size = os.path.getsize(path)
@@ -80,32 +165,54 @@ def read_header(path: str, model: str = "") -> dict[str, TensorInfo]:
             (n,) = struct.unpack("<Q", raw)
             if n > min(_MAX_HEADER, size - 8):
                 raise CheckpointError(f"{where}: corrupt safetensors header (claims {n} header bytes, file has {size})")
-            header = json.loads(f.read(n))
+            text = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{where}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except IsADirectoryError:
+        raise CheckpointError(f"{where}: is a directory, not a safetensors file") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read ({e.strerror})") from None
+    if not text.lstrip().startswith(b"{"):
+        raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
+    try:
+        text = text.decode("utf-8")  # and the bytes go: one copy of the text while it is parsed
+    except UnicodeDecodeError as e:
         raise CheckpointError(f"{where}: corrupt safetensors header ({e})") from None
+    header = _json(text, where, "safetensors header", _pairs(where))
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
-    data0, out = 8 + n, {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[meta["dtype"]]
-            shape = tuple(int(s) for s in meta["shape"])
-            b, e = (int(v) for v in meta["data_offsets"])
-        except KeyError as k:
-            raise CheckpointError(f"{where}: tensor {name!r} has an unsupported or missing header field {k}") from None
-        except (TypeError, ValueError):
-            raise CheckpointError(f"{where}: tensor {name!r} has a malformed header entry {meta!r}") from None
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if e - b != math.prod(shape) * itemsize or b < 0 or data0 + e > size:
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{where}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    del text
+    data0, data = 8 + n, size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name in list(header):
+        meta = header.pop(name)  # each parsed entry goes as its TensorInfo comes: one copy at a time
+        if isinstance(meta, _Raw):
+            _malformed(where, name, *meta)
+        if not isinstance(meta, _Entry):
+            got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+            raise CheckpointError(f"{where}: tensor {name!r}: a header entry needs exactly dtype, shape and "
+                                  f"data_offsets, got {got}")
+        dtype, shape, b, e = meta
+        if e - b != math.prod(shape) * dtype.itemsize or e > data:
             raise CheckpointError(
-                f"{where}: tensor {name!r} ({meta['dtype']} {list(shape)}) has byte range [{b}, {e}) that does not fit"
-                f" its shape or the file ({size - data0} data bytes): the file is truncated or corrupt"
+                f"{where}: tensor {name!r} ({NAMES[dtype]} {list(shape)}) has byte range [{b}, {e}) that does not"
+                f" fit its shape or the file ({data} data bytes): the file is truncated or corrupt"
             )
         out[name] = TensorInfo(name, path, dtype, shape, data0 + b, data0 + e)
+    end, prev = 0, None
+    for t in sorted(out.values(), key=_start):
+        b, e, name = t.start - data0, t.end - data0, t.name
+        if b != end:
+            after = repr(prev) if prev else "the header"
+            what = f"overlaps {prev!r}" if b < end else f"leaves a gap of {b - end} bytes after {after}"
+            raise CheckpointError(f"{where}: tensor {name!r} (bytes [{b}, {e})) {what}: corrupt safetensors file")
+        end, prev = e, name
+    if end != data:
+        raise CheckpointError(f"{where}: {data - end} bytes after the last tensor's data: corrupt or not a "
+                              "safetensors file")
     return out
 
 
@@ -119,6 +226,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._fds: dict[str, int] = {}
         self._mmaps: dict[str, mmap.mmap] = {}
+        self._slots: list[int] = []  # SIGBUS guard slots of this checkpoint's mappings
         if os.path.isdir(path):
             self._open_dir(path)
         elif os.path.isfile(path):
@@ -131,18 +239,7 @@ class Checkpoint:
     def _open_dir(self, path: str) -> None:
         index = os.path.join(path, INDEX)
         if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{self.name}: {index} is not a valid safetensors index ({e})") from None
-            headers = {}
-            for shard in sorted(set(weight_map.values())):
-                headers[shard] = read_header(os.path.join(path, shard), self.name)
-            for tname, shard in weight_map.items():
-                if tname not in headers[shard]:
-                    raise CheckpointError(f"{self.name}: {index} puts tensor {tname!r} in {shard}, which lacks it")
-                self.tensors[tname] = headers[shard][tname]
+            self._open_index(path, index)
             return
         single = os.path.join(path, SINGLE)
         if os.path.isfile(single):
@@ -154,6 +251,35 @@ class Checkpoint:
         if pickles:
             hint = f" (found pickle files {pickles[:3]}: convert them to safetensors; fastmerge never unpickles)"
         raise CheckpointError(f"{self.name}: {path} has neither {SINGLE} nor {INDEX}{hint}")
+
+    def _open_index(self, path: str, index: str) -> None:
+        where = f"{self.name}: {index}"
+        try:
+            with open(index, "rb") as f:
+                raw = f.read(_MAX_HEADER + 1)
+        except OSError as e:
+            raise CheckpointError(f"{where}: cannot read ({e.strerror})") from None
+        if len(raw) > _MAX_HEADER:
+            raise CheckpointError(f"{where}: larger than {_MAX_HEADER >> 20} MiB: not a safetensors index")
+        doc = _json(raw, where, "safetensors index", _pairs(where))
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{where}: not a valid safetensors index (needs a non-empty 'weight_map' object "
+                                  "of tensor name -> shard file)")
+        for tname, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CheckpointError(f"{where}: weight_map[{tname!r}] must be a shard file name, got {shard!r}")
+            parts = shard.replace("\\", "/").split("/")
+            if os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                raise CheckpointError(f"{where}: weight_map[{tname!r}] = {shard!r} points outside the model's "
+                                      "directory; shards must be relative paths inside it")
+        headers = {}
+        for shard in sorted(set(weight_map.values())):
+            headers[shard] = read_header(os.path.join(path, shard), self.name)
+        for tname, shard in weight_map.items():
+            if tname not in headers[shard]:
+                raise CheckpointError(f"{where}: puts tensor {tname!r} in {shard}, which lacks it")
+            self.tensors[tname] = headers[shard][tname]
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -185,8 +311,16 @@ class Checkpoint:
     def map(self, name: str) -> torch.Tensor:
         """One tensor as a zero-copy view of its file (mapped copy-on-write: page-cache pages are used as they
         are, and a write would only touch a private copy). Its pages are faulted in here, on the caller's thread,
-        so that a cold read blocks the reader and not the merge; :meth:`unmap` drops them from this process."""
+        so that a cold read blocks the reader and not the merge; :meth:`unmap` drops them from this process.
+
+        A mapped file that shrinks later would raise SIGBUS on the next touch of a page past its new end, which
+        kills the process; the native SIGBUS guard turns that into a zero page and a count that
+        :func:`check_mapped` reports as a named error. Without the native module (a pure-Python build) this
+        reads the tensor instead (:meth:`read`)."""
         ti = self.info(name)
+        guard = _guard()
+        if guard is None:
+            return self.read(name)
         mm = self._mmaps.get(ti.file)
         if mm is None:
             fd = self._fd(ti.file)
@@ -194,6 +328,10 @@ class Checkpoint:
                 mm = self._mmaps[ti.file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{self.name}: {ti.file}: cannot map ({e})") from None
+            start = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            slot = guard.mapped_guard_watch(start, len(mm))
+            self._slots.append(slot)
+            _watched[slot] = (start, start + len(mm), f"{self.name}: {ti.file}")
         if os.fstat(self._fds[ti.file]).st_size < ti.end:
             raise CheckpointError(f"{self.name}: {ti.file}: tensor {name!r} is truncated (the file shrank)")
         t = torch.frombuffer(mm, dtype=torch.uint8, count=ti.nbytes, offset=ti.start) if ti.nbytes else \
@@ -222,27 +360,123 @@ class Checkpoint:
         return fd
 
     def close(self) -> None:
+        guard = _guard() if self._slots else None
+        for slot in self._slots:
+            guard.mapped_guard_unwatch(slot)
+            _watched.pop(slot, None)
+        self._slots.clear()
         self._mmaps.clear()  # never mm.close(): tensors from map() keep their mapping alive until they go
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
 
+_watched: dict[int, tuple[int, int, str]] = {}  # SIGBUS guard slot -> (start, end, "model: file")
+_faults_seen = 0
+
+
+@functools.cache
+def _guard():
+    """The native SIGBUS guard (fastmerge._C), or None in a pure-Python build."""
+    from .backends._native import _C
+
+    return _C if _C is not None and hasattr(_C, "mapped_guard_watch") else None
+
+
+def check_mapped() -> None:
+    """Raise the named error if a mapped input file shrank since the last check (the SIGBUS guard counted a
+    touch of a page past its end: the data read there are zeros, so nothing computed from them may be kept)."""
+    global _faults_seen
+    guard = _guard()
+    if guard is None:
+        return
+    n, addr = guard.mapped_guard_faults()
+    if n == _faults_seen:
+        return
+    _faults_seen = n
+    where = next((w for lo, hi, w in list(_watched.values()) if lo <= addr < hi), "an input file")
+    raise CheckpointError(f"{where}: the file shrank while it was being read (another program truncated or "
+                          "rewrote it during the merge)")
+
+
+OWNER = ".fastmerge-owner"  # inside a temporary output directory: which process writes it
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, /proc), to tell it from a later process with its pid;
+    None where /proc has no such process (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
 class OutputDir:
     """A directory built beside its final path and renamed into place by :meth:`commit`.
 
-    Used as a context manager, an exception (Ctrl-C included) removes the temporary directory, so a failed
-    merge leaves neither the output nor temp files. An existing output is never overwritten.
+    Used as a context manager, an exception (Ctrl-C, SIGTERM and SIGHUP included, see fastmerge.signals)
+    removes the temporary directory and the parent directories it created, so a failed merge leaves neither
+    the output nor temp files. An existing output, or a symlink in its place, is never overwritten. The
+    output gets the permissions the umask gives a new directory.
+
+    A process killed outright (SIGKILL, power loss) leaves its ``.OUT.tmp-*`` behind; it holds a note of its
+    owner (pid, start time, host), so the next run for the same OUT removes it when that process is gone, and
+    otherwise says how to.
     """
 
     def __init__(self, path: str):
         path = os.path.abspath(path)
+        if os.path.islink(path) and not os.path.exists(path):
+            raise FileExistsError(f"output {path} is a dangling symlink (to {os.readlink(path)}); remove it or "
+                                  "choose another path")
         if os.path.exists(path):
             raise FileExistsError(f"output {path} already exists; choose another path or remove it")
         parent = os.path.dirname(path)
+        self.created: list[str] = []  # parent directories this run made, deepest first
+        d = parent
+        while not os.path.isdir(d):
+            self.created.append(d)
+            d = os.path.dirname(d)
         os.makedirs(parent, exist_ok=True)
         self.path = path
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        try:
+            self._stale(parent, os.path.basename(path))
+            self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        except BaseException:
+            self._remove_created()
+            raise
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o777 & ~mask)  # mkdtemp makes it 0700
+        with open(os.path.join(self.tmp, OWNER), "w") as f:
+            json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "host": _host(), "out": path}, f)
+
+    @staticmethod
+    def _stale(parent: str, base: str) -> None:
+        """Temporary directories of earlier runs for the same output: removed where their process is gone,
+        reported (with the command that removes them) where that can't be told; a live one is an error."""
+        for entry in os.listdir(parent):
+            tmp = os.path.join(parent, entry)
+            if not entry.startswith(f".{base}.tmp-") or not os.path.isdir(tmp) or os.path.islink(tmp):
+                continue
+            try:
+                with open(os.path.join(tmp, OWNER)) as f:
+                    owner = json.load(f)
+                pid, start, host = int(owner["pid"]), owner["start"], owner["host"]
+            except (OSError, ValueError, KeyError, TypeError):
+                warnings.warn(f"{tmp} looks like the temporary output of an earlier run that was killed; "
+                              f"remove it with: rm -rf {shlex.quote(tmp)}", stacklevel=3)
+                continue
+            if host != _host():
+                warnings.warn(f"{tmp} is the temporary output of a run on {host} (pid {pid}); if that run is "
+                              f"over, remove it with: rm -rf {shlex.quote(tmp)}", stacklevel=3)
+            elif start is not None and _start_time(pid) == start:
+                raise FileExistsError(f"another fastmerge run (pid {pid}) is writing {os.path.join(parent, base)} "
+                                      f"now (into {tmp}); wait for it or stop it")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+                warnings.warn(f"removed {tmp}, left by a fastmerge run (pid {pid}) that was killed", stacklevel=3)
 
     def sub(self, *parts: str) -> str:
         p = os.path.join(self.tmp, *parts)
@@ -250,11 +484,20 @@ class OutputDir:
         return p
 
     def commit(self) -> str:
+        os.unlink(os.path.join(self.tmp, OWNER))
         os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for d in self.created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
     def __enter__(self) -> OutputDir:
         return self
@@ -264,8 +507,14 @@ class OutputDir:
             self.abort()
 
 
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 class ShardedWriter:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .io import Checkpoint, OutputDir, ShardedWriter
+from .signals import interruptible
 
 FORMAT = "fastmerge-multitask-store"
 
@@ -249,7 +250,7 @@ def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size
     layout = [(ti.name, ti.dtype, ti.shape) for ti in names]
     written = 0
     try:
-        with OutputDir(out_dir) as od:
+        with interruptible(), OutputDir(out_dir) as od:
             w = ShardedWriter(od.tmp, layout, parse_size(out_shard_size))
             try:
                 for ti in names:

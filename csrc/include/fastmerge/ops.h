@@ -5,6 +5,7 @@
 
 #include <torch/extension.h>
 
+#include <tuple>
 #include <vector>
 
 namespace fastmerge {
@@ -35,6 +36,11 @@ void tv_coef_grad_cpu(const at::Tensor& grad, const at::Tensor& taus, const at::
 void adam_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                    const at::Tensor& scale, int64_t repeat, double lr, double beta1, double beta2, double eps,
                    int64_t step);
+
+// ---- the SIGBUS guard of mapped input files (csrc/cpu/mapped_guard.cpp) ----------------------------------
+int64_t mapped_guard_watch(int64_t address, int64_t length);
+void mapped_guard_unwatch(int64_t slot);
+std::tuple<int64_t, int64_t> mapped_guard_faults();
 
 #ifdef FASTMERGE_WITH_CUDA
 // ---- CUDA (csrc/cuda) ------------------------------------------------------------------------------------
