@@ -9,10 +9,10 @@ export MAX_JOBS ?= 2
 .PHONY: setup build test test-triton check-cuda lint demo bench accuracy accuracy-quick clean
 
 # torch first (pinned to the local CPU wheel where there is one), so nothing pulls CUDA wheels
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
-	$(PIP) install -q numpy safetensors pybind11 pyyaml tqdm threadpoolctl triton pytest pytest-benchmark ruff setuptools wheel ninja
+	$(PIP) install -q numpy safetensors pybind11 pyyaml tqdm threadpoolctl triton pytest pytest-benchmark hypothesis ruff setuptools wheel ninja
 	$(PIP) install -q mergekit==0.1.5  # the peer the engine's golden tests and benchmarks compare against
 	touch $@
 
@@ -27,7 +27,7 @@ setup: $(VENV)/.deps
 # minutes on 2 cores); Python files are installed in editable mode and need no rebuild
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc kernels -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.inc' -o -name '*.py' \) 2>/dev/null)
 
-$(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
+$(VENV)/.built: $(BUILD_INPUTS) | $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 

@@ -9,7 +9,8 @@ Per-model settings fall back to the global ``parameters``.
 fastmerge-only settings live under a top-level ``fastmerge:`` mapping, which mergekit ignores:
 ``compat`` (whose semantics: mergekit by default, or official/fusionbench/peft), ``trim`` (``tensor`` or
 ``global`` magnitude trimming), ``backend`` (force a kernel backend), ``tasks`` (names of the tasks in a
-multi-task store), ``extra_tensors`` (``ignore`` or ``error``: tensors a model has and the base lacks) and,
+multi-task store), ``extra_tensors`` (``error``, the default, or ``ignore``: tensors a model has and the base
+lacks) and,
 for the subspace methods, ``svd`` (exact, fast or randomized), ``svd_oversample``, ``svd_power_iters`` and
 ``exclude_keys`` (see fastmerge.svd_methods).
 """
@@ -43,7 +44,7 @@ FASTMERGE_KEYS = {
     "trim": ("tensor", "global"),
     "backend": None,
     "tasks": None,
-    "extra_tensors": ("ignore", "error"),
+    "extra_tensors": ("error", "ignore"),
     "svd": ("exact", "fast", "randomized"),
     "svd_oversample": None,
     "svd_power_iters": None,
@@ -89,24 +90,79 @@ class MergeConfig:
         return [m for m in self.models if m is not self.base]
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a merge config is a few KB; anything near this is not one
+MAX_DEPTH = 64               # nesting of mappings and lists
+MAX_VALUES = 100_000         # values after YAML aliases are expanded (an alias "bomb" of 1 KB expands to GBs)
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load with a bound on nesting, so a hostile config fails here and not in a recursion."""
+
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > MAX_DEPTH:
+                    raise ConfigError(f"config nests deeper than {MAX_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Loader
+
+
+def _check_size(data: Any) -> None:
+    """Count the values of a loaded config, aliases expanded, and stop at MAX_VALUES (iteratively: a
+    self-referencing alias would otherwise loop)."""
+    stack, n = [data], 0
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > MAX_VALUES:
+            raise ConfigError(f"config expands to more than {MAX_VALUES} values (YAML aliases repeating a large "
+                              "value?): not a merge config")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str) and len(x) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config has a string of {len(x)} characters: not a merge config")
+
+
 def _load_yaml(source: str | os.PathLike | dict) -> tuple[dict, str]:
     if isinstance(source, dict):
+        _check_size(source)
         return copy.deepcopy(source), os.getcwd()
     import yaml
 
     text, root = str(source), os.getcwd()
     if "\n" not in text and os.path.exists(text):
-        with open(text) as f:
-            text = f.read()
+        if os.path.getsize(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {text} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a merge config")
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {source}: cannot read it ({e})") from None
         root = os.path.dirname(os.path.abspath(str(source)))
     elif "\n" not in text and (text.endswith((".yml", ".yaml")) or ":" not in text):
         raise ConfigError(f"config file {text} not found")  # one line and no mapping: meant as a path
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a merge config")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"config is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError("config nests too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a YAML mapping, got {type(data).__name__}")
+    _check_size(data)
     return data, root
 
 
@@ -138,6 +194,8 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
             raise ConfigError(f"config key {key!r}: {UNSUPPORTED_KEYS[key]}")
         if key not in TOP_KEYS:
             raise ConfigError(f"unknown config key {key!r}; expected one of {', '.join(TOP_KEYS)}")
+    if not isinstance(data.get("name", ""), str):
+        raise ConfigError(f"name: expected a string, got {type(data['name']).__name__}")
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise ConfigError("config needs 'merge_method' (a method name)")

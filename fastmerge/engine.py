@@ -37,7 +37,8 @@ import torch
 from . import consensus, methods, ops, store
 from .config import ConfigError, MergeConfig, layer_t
 from .config import load as load_config
-from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, _itemsize, parse_size
+from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, _itemsize, check_mapped, parse_size
+from .signals import interruptible
 
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -121,10 +122,14 @@ class MergeSummary:
     def __str__(self) -> str:
         gb = 1e9
         st = ", ".join(f"{k} {v:.2f}s" for k, v in self.stages.items())
+        fb = ""
+        if "svd_matrices" in self.extra:
+            fb = (f"; {self.extra['svd_exact_fallback']} of {self.extra['svd_matrices']} matrices fell back to the "
+                  "exact fp64 path")
         return (f"merged {self.tensors} tensors with {self.method} in {self.seconds:.2f}s "
                 f"({self.bytes_read / gb:.2f} GB read in {self.passes} pass(es), {self.bytes_written / gb:.2f} GB "
                 f"written, {self.bytes_read / gb / max(self.seconds, 1e-9):.2f} GB/s); peak RSS "
-                f"{self.peak_rss_bytes / 2**20:.0f} MiB, budget {self.budget_bytes / 2**20:.0f} MiB; {st}"
+                f"{self.peak_rss_bytes / 2**20:.0f} MiB, budget {self.budget_bytes / 2**20:.0f} MiB; {st}{fb}"
                 f" -> {self.out_dir}")
 
 
@@ -277,6 +282,42 @@ class _MallocPolicy:
             self.libc.malloc_trim(0)
 
 
+def _dname(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _resolver(cfg: MergeConfig) -> Callable[[str, float], tuple]:
+    """methods.resolve for one config, memoised: a tensor's parameters depend only on its layer position and
+    on which of the config's filter substrings its name contains, so a model of 100 000s of tensors resolves
+    a handful of distinct cases instead of evaluating every setting per tensor and model."""
+    filters: set[str] = set()
+
+    def collect(x: Any) -> None:
+        if isinstance(x, dict):
+            if x.get("filter") is not None:
+                filters.add(str(x["filter"]))
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, list):
+            for v in x:
+                collect(v)
+
+    collect(cfg.parameters)
+    for m in cfg.models:
+        collect(m.parameters)
+    flt = sorted(filters)
+    cache: dict[tuple, tuple] = {}
+
+    def resolve(name: str, t: float) -> tuple:
+        key = (t, *(f in name for f in flt))
+        hit = cache.get(key)
+        if hit is None:  # shared between jobs: nothing downstream writes into them
+            hit = cache[key] = methods.resolve(cfg, name, t)
+        return hit
+
+    return resolve
+
+
 def _num_layers(path: str) -> int | None:
     cfg = os.path.join(path, "config.json") if os.path.isdir(path) else None
     if cfg and os.path.isfile(cfg):
@@ -301,7 +342,11 @@ class Engine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: torch has no CUDA device here (use --device cpu or auto)")
+            raise ConfigError(f"--device {device}: torch has no CUDA device here (use --device cpu or auto)")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {device}: expected cpu, cuda or auto")
         self.seed = int(seed)
         self.quiet = quiet
         self.out_shard_bytes = parse_size(out_shard_size)
@@ -312,6 +357,7 @@ class Engine:
         self.ckpts: list[Checkpoint] = []
         self.jobs: list[Job] = []
         self.stats: dict[str, Any] = {}
+        self.notes: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------- plan
     def plan(self) -> list[Job]:
@@ -320,7 +366,7 @@ class Engine:
         self.ckpts = [Checkpoint(m.path, name=m.label) for m in cfg.models]
         bi = cfg.models.index(cfg.base) if cfg.base is not None else 0
         ref = self.ckpts[bi]
-        policy = cfg.options.get("extra_tensors", "ignore")
+        policy = cfg.options.get("extra_tensors", "error")
         for ck in self.ckpts:
             missing = [n for n in ref.tensors if n not in ck.tensors]
             if missing and ck is not ref:
@@ -330,7 +376,8 @@ class Engine:
             if extra:
                 msg = (f"model {ck.name} has {len(extra)} tensor(s) that {ref.name} lacks, e.g. {extra[0]!r}")
                 if policy == "error":
-                    raise CheckpointError(msg + " (fastmerge.extra_tensors: error)")
+                    raise CheckpointError(msg + "; the output would be without them. To merge anyway, leaving "
+                                          "them out, set fastmerge: {extra_tensors: ignore}")
                 warnings.warn(msg + "; they are not merged (fastmerge.extra_tensors: ignore)", stacklevel=2)
         L = _num_layers(ref.path)
         if L is None:
@@ -339,6 +386,8 @@ class Engine:
             idx = [layer_index(n) for n in ref.tensors]
             L = max((i for i in idx if i is not None), default=-1) + 1
         order = sorted(ref.tensors.values(), key=lambda ti: (ti.file, ti.start))
+        resolve = _resolver(cfg)
+        self._check_side_files()
         jobs = []
         for ti in order:
             name = ti.name
@@ -351,10 +400,14 @@ class Engine:
                 if inf.dtype.is_floating_point != floating:
                     raise CheckpointError(f"{ck.name}: {inf.file}: tensor {name!r} is {inf.dtype}, {ref.name} has "
                                           f"{ti.dtype}: a floating tensor can only be merged with floating ones")
+                if floating and cfg.dtype is None and inf.dtype != ti.dtype:
+                    raise CheckpointError(f"{ck.name}: {inf.file}: tensor {name!r} is {_dname(inf.dtype)}, "
+                                          f"{ref.name} has {_dname(ti.dtype)}; set `dtype:` in the config (e.g. "
+                                          "dtype: float32) to merge models stored in different dtypes")
             if not floating:
                 jobs.append(Job(name, ti.shape, (ti,), False, ti.dtype, {}, ()))
                 continue
-            shared, per_input = methods.resolve(cfg, name, layer_t(name, L))
+            shared, per_input = resolve(name, layer_t(name, L))
             out_dtype = cfg.out_dtype or cfg.dtype or ti.dtype
             jobs.append(Job(name, ti.shape, infos, True, out_dtype, shared, tuple(per_input)))
         if self.method.fn is None and not self.method.store:
@@ -362,6 +415,24 @@ class Engine:
         self.jobs = jobs
         self.stages["plan"] += time.perf_counter() - t0
         return jobs
+
+    def _check_side_files(self) -> None:
+        """The base's JSON side files (config.json, tokenizer files...) are read and checked here, at plan time:
+        a corrupt one fails before anything is merged, naming the file, instead of after the whole merge."""
+        src = self.side_source()
+        if src is None:
+            return
+        for f in SIDE_FILES:
+            p = os.path.join(src, f)
+            if not f.endswith(".json") or not os.path.isfile(p):
+                continue
+            try:
+                with open(p, "rb") as fh:
+                    doc = json.loads(fh.read())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise CheckpointError(f"{self._ref().name}: {p} is not valid JSON ({str(e)[:200]})") from None
+            if f == "config.json" and not isinstance(doc, dict):
+                raise CheckpointError(f"{self._ref().name}: {p} must hold a JSON object")
 
     def budget_bytes(self, write: bool) -> int:
         biggest = max((j.in_bytes + (j.out_bytes if write else 0) for j in self.jobs), default=1)
@@ -493,6 +564,7 @@ class Engine:
                 scratch: list[torch.Tensor] = []
                 with ops.allocating(functools.partial(_lend, self._pool, scratch)):
                     result = fn(job, tensors)
+                check_mapped()  # an input that shrank under its mapping: its pages read as zeros
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 self.stages["merge"] += time.perf_counter() - t0
@@ -532,7 +604,7 @@ class Engine:
     def _call(self, job: Job, tensors: list[torch.Tensor]) -> methods.TensorCall:
         bi = self.cfg.models.index(self.cfg.base) if self.cfg.base is not None else None
         return methods.TensorCall(job.name, tensors, bi, job.shared, list(job.per_input), self.seed, job.out_dtype,
-                                  self.cfg.options, self.stats)
+                                  self.cfg.options, self.stats, self.notes)
 
     def _merge_one(self, job: Job, tensors: list[torch.Tensor]) -> torch.Tensor:
         if not job.floating:
@@ -612,7 +684,7 @@ class Engine:
 
     def run(self, out_dir: str) -> MergeSummary:
         t_start = time.perf_counter()
-        with _MallocPolicy(keep_freed=self.method.batch is not None and self.device.type == "cpu"):
+        with interruptible(), _MallocPolicy(keep_freed=self.method.batch is not None and self.device.type == "cpu"):
             return self._run(out_dir, t_start)
 
     def _run(self, out_dir: str, t_start: float) -> MergeSummary:
@@ -637,6 +709,7 @@ class Engine:
                     extra = {}
                 self._copy_side_files(od.tmp)
                 self._record(od.tmp)
+                check_mapped()
                 od.commit()
         finally:
             for ck in self.ckpts:
@@ -649,7 +722,7 @@ class Engine:
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return MergeSummary(os.path.abspath(out_dir), self.cfg.method, len(self.jobs), time.perf_counter() - t_start,
                             self.bytes_read, written, peak_rss(), gpu, self.passes,
-                            self.budget_bytes(True), dict(self.stages), extra)
+                            self.budget_bytes(True), dict(self.stages), {**self.notes, **extra})
 
     def units(self) -> list[Job | Group]:
         """The jobs as the merge pass takes them: one by one, or, for methods that merge stacks, floating jobs

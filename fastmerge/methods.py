@@ -35,6 +35,38 @@ class Param:
     scope: str
     kind: type
     default: Any = REQUIRED
+    lo: float | None = None      # inclusive bounds every value must lie in (checked when the config is loaded)
+    hi: float | None = None
+    lo_open: bool = False        # lo itself excluded
+
+
+FP32_MAX = 3.4028234663852886e38
+
+
+def _check_range(p: Param, v: Any, where: str) -> None:
+    """One value of a numeric parameter: finite as fp32 (the kernels' arithmetic), within the parameter's range."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return  # not a number: _coerce names it when the tensor is resolved
+    if not math.isfinite(v) or abs(v) > FP32_MAX:
+        raise ConfigError(f"{where}: {v!r} is not a finite float32 number")
+    if p.kind is int and v != int(v):
+        raise ConfigError(f"{where}: expected an integer, got {v!r}")
+    low = p.lo is not None and (v <= p.lo if p.lo_open else v < p.lo)
+    if low or (p.hi is not None and v > p.hi):
+        lo = "-inf" if p.lo is None else p.lo
+        hi = "inf" if p.hi is None else p.hi
+        raise ConfigError(f"{where}: {v!r} is outside {'(' if p.lo_open else '['}{lo}, {hi}]")
+
+
+def _leaves(setting: Any):
+    """The scalar values inside a setting (a scalar, a gradient list, or {filter, value} conditions)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        for e in setting:
+            yield from _leaves(e["value"] if isinstance(e, dict) else e)
+    else:
+        yield setting
 
 
 @dataclass(frozen=True)
@@ -64,6 +96,7 @@ class TensorCall:
     out_dtype: torch.dtype
     options: dict[str, Any]
     stats: dict[str, Any] = field(default_factory=dict)   # whole-model statistics from the stats passes
+    notes: dict[str, int] = field(default_factory=dict)   # counters the merge summary reports (e.g. fallbacks)
 
     @property
     def base(self) -> torch.Tensor | None:
@@ -134,11 +167,11 @@ class GTA:
     def params(self) -> tuple[Param, ...]:
         ps = [Param("int8_mask", SHARED, bool, False), Param("normalize", SHARED, bool, self.normalize),
               Param("rescale", SHARED, bool, self.rescale), Param("lambda", SHARED, float, 1.0),
-              Param("weight", NONBASE, float), Param("density", NONBASE, float, 1.0)]
+              Param("weight", NONBASE, float), Param("density", NONBASE, float, 1.0, 0.0, 1.0)]
         if self.sparsify == "outliers":
-            ps.append(Param("gamma", NONBASE, float, 0.01))
+            ps.append(Param("gamma", NONBASE, float, 0.01, 0.0, 1.0))
         if self.sparsify == "della":
-            ps.append(Param("epsilon", NONBASE, float, 0.15))
+            ps.append(Param("epsilon", NONBASE, float, 0.15, 0.0, 1.0))
         return tuple(ps)
 
     def __call__(self, c: TensorCall) -> torch.Tensor:
@@ -255,8 +288,6 @@ def _della(delta: torch.Tensor, density: float, eps: float, rescale: bool, seed:
     """mergekit's della_magprune (per-row rank keep probabilities, L1-norm rescale) on fastmerge's Philox."""
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + eps >= 1 or density - eps <= 0:
-        raise ConfigError(f"della: density ± epsilon must lie in (0, 1), got density={density}, epsilon={eps}")
     x = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     kept = ops.della_prune(x, density, eps, seed=seed, key=key, rescale=False).reshape(delta.shape)
     if rescale:
@@ -320,7 +351,7 @@ _GTA = {
     "della_linear": GTA("della", False, False, True),
     "magnitude_prune": GTA("magnitude", False, False, False),
 }
-_TALL_PARAMS = (Param("tall_lambda", NONBASE, float, 0.4), Param("density", NONBASE, float, 0.2))
+_TALL_PARAMS = (Param("tall_lambda", NONBASE, float, 0.4, 0.0), Param("density", NONBASE, float, 0.2, 0.0, 1.0))
 
 
 def _subspace(name: str, doc: str) -> Method:
@@ -331,22 +362,22 @@ def _subspace(name: str, doc: str) -> Method:
 
     params = [Param("alpha", SHARED, float, 1.0), Param("weight", NONBASE, float, 1.0)]
     if name == "iso_cts":
-        params.append(Param("common_fraction", SHARED, float, 0.8))
+        params.append(Param("common_fraction", SHARED, float, 0.8, 0.0, 1.0, lo_open=True))
     return Method(name, tuple(params), lambda c: batch([c])[0], min_inputs=2, doc=doc, batch=batch)
 
 METHODS: dict[str, Method] = {
     "linear": Method("linear", (Param("weight", INPUT, float), Param("normalize", SHARED, bool, True)), _linear,
                      base="optional", doc="weighted average of the models"),
-    "slerp": Method("slerp", (Param("t", SHARED, float),), _slerp, min_inputs=2, max_inputs=2,
+    "slerp": Method("slerp", (Param("t", SHARED, float, REQUIRED, 0.0, 1.0),), _slerp, min_inputs=2, max_inputs=2,
                     doc="spherical interpolation between the base (t=0) and one other model (t=1)"),
     "passthrough": Method("passthrough", (Param("scale", INPUT, float, None),), _passthrough, base="optional",
                           max_inputs=1, doc="copy one model (optionally scaled)"),
     **{name: Method(name, g.params(), g, doc="task vectors: sparsify, weight, consensus, combine")
        for name, g in _GTA.items()},
-    "consensus_ta": Method("consensus_ta", (Param("lambda", SHARED, float, 1.0), Param("k", SHARED, int, 2),
+    "consensus_ta": Method("consensus_ta", (Param("lambda", SHARED, float, 1.0), Param("k", SHARED, int, 2, 0.0),
                                             *_TALL_PARAMS), _consensus(False),
                            doc="TALL-mask consensus over the task-arithmetic vector"),
-    "consensus_ties": Method("consensus_ties", (Param("lambda", SHARED, float, 1.0), Param("k", SHARED, int, 2),
+    "consensus_ties": Method("consensus_ties", (Param("lambda", SHARED, float, 1.0), Param("k", SHARED, int, 2, 0.0),
                                                 *_TALL_PARAMS), _consensus(True),
                              doc="TALL-mask consensus over the TIES (dis-sum) vector"),
     "tall": Method("tall", (Param("mtl", SHARED, str, "ta"), *_TALL_PARAMS), None, store=True,
@@ -362,7 +393,10 @@ METHODS: dict[str, Method] = {
                     batch=lambda calls: svd_methods.tsv_c_factors(
                         calls, svd_methods.options(calls[0].options, "tsv_c"))),
 }
-_DOGE_PARAMS = tuple(Param(k, SHARED, int if k in ("subspace", "steps") else float, v)
+_DOGE_RANGES = {"density": (0.0, 1.0, True), "subspace": (1, None, False), "steps": (1, None, False),
+                "lr": (0.0, None, True), "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
+                "eps": (0.0, None, True), "eta": (None, None, False)}
+_DOGE_PARAMS = tuple(Param(k, SHARED, int if k in ("subspace", "steps") else float, v, *_DOGE_RANGES[k])
                      for k, v in doge.DEFAULTS.items())
 METHODS["doge_ta"] = Method("doge_ta", _DOGE_PARAMS, lambda c: doge.merge_stack([c])[0], min_inputs=2,
                             batch=doge.merge_stack, prepare=doge.stats,
@@ -401,21 +435,26 @@ def validate(cfg: MergeConfig) -> None:
     if n < m.min_inputs or (m.max_inputs is not None and n > m.max_inputs):
         want = f"{m.min_inputs}" if m.max_inputs == m.min_inputs else f"{m.min_inputs}..{m.max_inputs or 'any'}"
         raise ConfigError(f"merge_method {m.name} takes {want} models (base included), got {n}")
-    if m.store and len(cfg.experts) < 1:
-        raise ConfigError(f"merge_method {m.name} needs at least one model besides the base")
+    if (m.store or m.base == "required") and len(cfg.experts) < 1:
+        raise ConfigError(f"merge_method {m.name} needs at least one model besides the base "
+                          f"(models: lists only {cfg.base.label if cfg.base else 'one model'})")
     names = {p.name: p for p in param_specs(m, compat)}
-    for k in cfg.parameters:
+    for k, v in cfg.parameters.items():
         if k not in names:
             raise ConfigError(f"parameters.{k}: not a parameter of {m.name}; expected one of {', '.join(names)}")
+        for leaf in _leaves(v):
+            _check_range(names[k], leaf, f"parameters.{k}")
     for i, model in enumerate(cfg.models):
-        for k in model.parameters:
+        for k, v in model.parameters.items():
             p = names.get(k)
+            where = f"models[{i}] ({model.label}).parameters.{k}"
             if p is None:
-                raise ConfigError(f"models[{i}] ({model.label}).parameters.{k}: not a parameter of {m.name}; "
-                                  f"expected one of {', '.join(names)}")
+                raise ConfigError(f"{where}: not a parameter of {m.name}; expected one of {', '.join(names)}")
             if p.scope == SHARED:
-                raise ConfigError(f"models[{i}] ({model.label}).parameters.{k}: {k} is a global parameter of "
-                                  f"{m.name}; set it under the top-level 'parameters:'")
+                raise ConfigError(f"{where}: {k} is a global parameter of {m.name}; set it under the top-level "
+                                  "'parameters:'")
+            for leaf in _leaves(v):
+                _check_range(p, leaf, where)
     if cfg.options.get("trim") == "global":
         if m.name not in GLOBAL_TRIM:
             raise ConfigError(f"fastmerge.trim: global applies to {', '.join(GLOBAL_TRIM)}, not {m.name}")
@@ -429,15 +468,8 @@ def validate(cfg: MergeConfig) -> None:
             v = cfg.parameters.get(k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"parameters.{k}: expected an integer >= 1, got {v!r}")
-        d = cfg.parameters.get("density")
-        if d is not None and not (isinstance(d, (int, float)) and 0 < d <= 1):
-            raise ConfigError(f"parameters.density: expected a fraction in (0, 1], got {d!r}")
     elif m.name in SUBSPACE:
         svd_methods.check_config(cfg)
-        for model in cfg.models:
-            fr = model.parameters.get("common_fraction", cfg.parameters.get("common_fraction"))
-            if fr is not None and not (isinstance(fr, (int, float)) and 0 < fr <= 1):
-                raise ConfigError(f"parameters.common_fraction: expected a number in (0, 1], got {fr!r}")
     else:
         given = [k for k in (*SUBSPACE_OPTIONS, "doge_layers") if k in cfg.options]
         if given:
@@ -445,6 +477,12 @@ def validate(cfg: MergeConfig) -> None:
             raise ConfigError(f"fastmerge.{given[0]}: applies to {who}, not {m.name}")
     if compat != "mergekit" and m.name not in ("ties",):
         raise ConfigError(f"fastmerge.compat: {compat} changes the semantics of ties only, not {m.name}")
+    backend = cfg.options.get("backend")
+    if backend is not None:
+        from ._config import BACKENDS
+
+        if backend not in ("auto", *BACKENDS):
+            raise ConfigError(f"fastmerge.backend: expected one of auto, {', '.join(BACKENDS)}; got {backend!r}")
 
 
 def resolve(cfg: MergeConfig, tensor: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -470,4 +508,8 @@ def resolve(cfg: MergeConfig, tensor: str, t: float) -> tuple[dict[str, Any], li
         is_base = model is cfg.base
         per_input.append({p.name: value(p, [model.parameters, cfg.parameters], model.label) for p in specs
                           if p.scope == INPUT or (p.scope == NONBASE and not is_base)})
+        d, eps = per_input[-1].get("density"), per_input[-1].get("epsilon")
+        if eps is not None and 0 < d < 1 and not (d - eps > 0 and d + eps < 1):
+            raise ConfigError(f"{model.label}: della needs density ± epsilon inside (0, 1); tensor {tensor} has "
+                              f"density {d:g}, epsilon {eps:g}")
     return shared, per_input

@@ -164,9 +164,6 @@ def golden_configs(F: list[str], B: list[str]) -> dict[str, tuple[str, dict]]:
         "slerp_gradient": ("fp32", {  # base listed second; 4-point gradient over 3 layers
             "merge_method": "slerp", "base_model": f1, "dtype": "float32", "parameters": {"t": [0, 0.3, 0.7, 1]},
             "models": [_m(f2), _m(f1)]}),
-        "slerp_extrapolate": ("fp32", {
-            "merge_method": "slerp", "base_model": fb, "dtype": "float32", "parameters": {"t": 1.5},
-            "models": [_m(fb), _m(f2)]}),
         "passthrough_scale": ("fp32", {
             "merge_method": "passthrough", "dtype": "float32",
             "models": [_m(f1, scale=[{"filter": "mlp", "value": 2.0}, {"filter": "embed", "value": 0.5},
