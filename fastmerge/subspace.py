@@ -200,13 +200,7 @@ def _mm64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
-def _eigh_desc(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs of symmetric (B, n, n), largest first."""
-    w, v = eigh(g)
-    return w[:, -k:].flip(-1), v[:, :, -k:].flip(-1)
-
-
-W_FP32 = 100.0  # the largest condition number a polar factor is applied at in fp32 (see by_precision)
+W_FP32 = 10.0  # the largest condition number a polar factor is applied at in fp32 (see by_precision)
 
 
 def by_precision(cond: torch.Tensor, dt: torch.dtype) -> list[tuple[object, bool]]:
@@ -269,92 +263,197 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _topk_gram(a: torch.Tensor, k: int,
-               dt: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of (B, m, n) from the fp64 Gram of the smaller side; the other side's vectors
-    by a GEMM in ``dt`` (default ``_work(a)``). Singular values at round-off level get zero vectors (an SVD
-    would return arbitrary orthonormal ones)."""
+REFINE = 1e-8   # Gram eigenvalues below this fraction of the largest are recomputed (_eigh_resolved)
+CUT_TOL = 1e-6  # fast mode's largest accepted estimate of its error at the cut k (relative to the kept triplets)
+
+
+def _eigh_resolved(x: torch.Tensor, top: torch.Tensor | None = None, level: int = 0) -> tuple[torch.Tensor, ...]:
+    """Eigendecomposition of X^T X for (B, M, N) X, ascending, fp64, with the small eigenvalues resolved, and
+    per eigenvalue the size ``scale`` that its absolute error is about eps64 times.
+
+    A Gram matrix's eigenvalues carry an absolute error of ~eps64 lambda_1, so below REFINE lambda_1 (singular
+    values under 1e-4 of the largest: tasks sharing a direction, a sum of task vectors with a near-null
+    direction, a rank-deficient task) they lose digits. The eigenvectors of those d small eigenvalues span a
+    subspace Q_s that the Gram does resolve (a gap of ~lambda_1 separates it from the rest), so the small part
+    is decomposed again from Y = X Q_s (M x d, formed in fp64 without squaring): Y^T Y's eigenvalues are
+    accurate to eps64 sqrt(lambda_d lambda_1) (Y's own error is eps64 sigma_1), no longer eps64 lambda_1. Two
+    levels of this reach singular values of 1e-8 of the largest to ~1e-8 relative, at the cost of a d x d
+    eigendecomposition per level where d is the size of the ill-conditioned part (0 on well-conditioned
+    stacks): far less than the SVD it replaces."""
+    w, q = eigh(_gram(x))
+    lmax = w[:, -1:].clamp_min(0)
+    top = lmax if top is None else top
+    scale = (lmax * top).sqrt().expand_as(w)  # lambda_1 at the first level, sqrt(lambda_d lambda_1) below
+    ds = (w < lmax * REFINE).sum(-1)
+    ds = torch.where(lmax[:, 0] <= top[:, 0] * torch.finfo(torch.float64).eps ** 2 * 1e4, 0, ds)  # round-off only
+    if level == 2 or not bool(ds.any()):
+        return w, q, scale
+    scale = scale.clone()
+    # members in buckets of similar d (rounded up to 64 directions): each bucket refines its own largest d
+    bucket = (ds + 63) // 64
+    for b in bucket.unique().tolist():
+        if b == 0:
+            continue
+        sel = bucket == b
+        d = int(ds[sel].max())
+        qs = q[sel][..., :d]
+        w2, q2, s2 = _eigh_resolved(_mm64(x[sel], qs), top[sel], level + 1)
+        w[sel, :d], q[sel, :, :d], scale[sel, :d] = w2, _mm64(qs, q2), s2
+    return w, q, scale
+
+
+def _topk_gram(a: torch.Tensor, k: int, dt: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """Top-k singular triplets of (B, m, n) from the fp64 Gram of the smaller side (``_eigh_resolved``), the
+    other side's vectors by a GEMM in ``dt`` (default ``_work(a)``), and a per-member flag ``doubt`` where
+    they can't be trusted to fast mode's tolerance (the caller recomputes those by an SVD):
+
+    * a kept singular value at round-off level (a rank-deficient matrix: an SVD's vectors there are an
+      arbitrary completion, which TSV-M's and Iso-CTS's orthogonalisation then mixes into the other tasks');
+    * a kept vector from a refinement level whose subspace leaked: a level's Q_s is only orthogonal to the
+      resolved directions up to eps64 lambda_1 / gap, and A v / sigma amplifies that leak by sigma_big /
+      sigma. The residual r = A^T u - sigma v measures it (r = leak x sigma_big^2 / sigma): the error of u
+      is at most |r| / sqrt(REFINE lambda_1), which mixes into the others through the orthogonalisation with
+      a weight of ~1/sqrt(max(m, n)); above CUT_TOL is doubt;
+    * a cut falling in a cluster too tight for the kept subspace to be resolved: the angle error at the cut,
+      eps64 scale / gap (measured 20-40x above the actual error on task vectors with a strong shared
+      component, kappa_k 400-13 000), times the share of the result it moves, above CUT_TOL. That share is
+      sigma_k / |s| directly (TSV-M keeps the singular values), and ~1/sqrt(max(m, n)) through the
+      orthogonalisation, which mixes a rotated vector into the others (Iso-CTS also flattens the values)."""
     m, n = a.shape[-2:]
     tall = m >= n
     at = a if tall else a.mT
-    w, v = _eigh_desc(_gram(at), k)
-    s = w.clamp_min(0).sqrt()
-    tol = s[:, :1] * (max(m, n) * torch.finfo(torch.float64).eps * 8)
-    inv = torch.where(s > tol, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
+    N = at.shape[-1]
+    eps = torch.finfo(torch.float64).eps
+    w, q, scale = _eigh_resolved(at)
+    l1 = w[:, -1:].clamp_min(0)
+    lam, v = w[:, N - k:].flip(-1), q[..., N - k:].flip(-1)
+    s = lam.clamp_min(0).sqrt()
     dt = dt or _work(a)
+    inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
     u = (_mm64(at, v) if dt == torch.float64 else at.to(dt) @ v.to(dt)) * inv.to(dt).unsqueeze(1)
-    return (u, s, v.mT) if tall else (v, s, u.mT)
+    doubt = (lam <= scale[:, N - k:].flip(-1) * (max(m, n) * eps)).any(-1)
+    deep = (lam < REFINE * l1) & ~doubt.unsqueeze(-1)  # kept triplets from a refinement level
+    sel = deep.any(-1)
+    if bool(sel.any()):  # verified by their residual (see the docstring)
+        ud = u[sel] if u.dtype == torch.float64 else _mm64(at[sel], v[sel]) * inv[sel].unsqueeze(1)
+        r = torch.linalg.vector_norm(_mm64(at[sel].mT, ud) - v[sel] * s[sel].unsqueeze(1), dim=-2)
+        leak = torch.where(deep[sel], r, torch.zeros_like(r)).amax(-1) / (REFINE * l1[sel, 0]).sqrt()
+        doubt[sel] |= leak / math.sqrt(max(m, n)) > CUT_TOL
+    if 0 < k < N:
+        err = eps * torch.maximum(scale[:, N - k], scale[:, N - k - 1])
+        angle = err / (w[:, N - k] - w[:, N - k - 1]).clamp_min(1e-300)
+        share = torch.maximum(s[:, -1] / torch.linalg.vector_norm(s, dim=-1).clamp_min(1e-300),
+                              torch.full_like(s[:, -1], 1 / math.sqrt(max(m, n))))
+        doubt |= angle * share > CUT_TOL
+    return ((u, s, v.mT) if tall else (v, s, u.mT)) + (doubt,)
 
 
-def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, m, r) with m >= r: W = (X^T X)^(-1/2) (pseudo-inverse on round-off eigenvalues), so that
-    polar(X) = X W, from the fp64 Gram's eigendecomposition; the sum of X's singular values (its nuclear
-    norm); and X's condition number over the directions kept. All fp64."""
-    w, q = eigh(_gram(x))
-    tol = w[:, -1:].clamp_min(0) * (x.shape[-2] * torch.finfo(torch.float64).eps * 8)
-    pos = w > tol
+VERIFY = 1e4       # condition number above which a fast polar factor is checked (_polar_gram)
+POLAR_TOL = 1e-5   # the largest accepted |P^T P - I|_F / sqrt(r) of a checked polar factor P (r x r PTP)
+COND_MAX = 1e12    # beyond this condition number a polar factor is left to an SVD unchecked
+
+
+def _polar_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, m, r) with m >= r: W with polar(X) = X W (W = (X^T X)^(-1/2), a pseudo-inverse on round-off singular
+    values), X's nuclear norm, its condition number over the directions kept (fp64), and ``doubt`` (bool):
+    where this W can't stand in for an SVD's polar factor, and the caller must compute one.
+
+    W comes from ``_eigh_resolved``. Below a condition number of VERIFY the Gram's own accuracy (eps64 x
+    cond^2 < 2e-8) is enough. Above it, tasks sharing directions can leave a continuum of small singular values
+    that the refinement levels split imperfectly, so the factor is verified: P = X W is the polar factor
+    exactly when P^T P = I (W is symmetric positive definite), and |P^T P - I|_F / 2 bounds its error (measured
+    at ~0.7x that bound); more than POLAR_TOL |P|_F = POLAR_TOL sqrt(r) is doubt, 10x inside fast mode's 1e-4.
+    Doubt also where X has round-off singular values (its polar factor is not unique: an
+    SVD's holds an arbitrary completion there, which the methods weight by non-zero singular values) or a
+    condition number above COND_MAX."""
+    w, q, scale = _eigh_resolved(x)
+    pos = w > scale * (max(x.shape[-2:]) * torch.finfo(torch.float64).eps)
     inv = torch.where(pos, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
     sv = torch.where(pos, w.clamp_min(0).sqrt(), torch.zeros_like(w))
-    cond = sv[:, -1] * inv.amax(-1)
-    return _mm64(q * inv.unsqueeze(1), q.mT), sv.sum(-1), cond
+    smin = torch.where(pos, sv, torch.full_like(sv, math.inf)).amin(-1)
+    smax = sv.amax(-1)
+    cond = torch.where(torch.isinf(smin), torch.ones_like(smin), smax / smin.clamp_min(1e-300))
+    wmat = _mm64(q * inv.unsqueeze(1), q.mT)
+    doubt = (~pos.all(-1) & (smax > 0)) | (cond > COND_MAX)
+    check = (cond > VERIFY) & ~doubt
+    if bool(check.any()):
+        p = _mm64(x[check], wmat[check])
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        doubt[check] = torch.linalg.matrix_norm(_gram(p) - eye) > POLAR_TOL * math.sqrt(p.shape[-1])
+    return wmat, sv.sum(-1), cond, doubt
 
 
-def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+PAIR_MIN = 1e7  # the closed-form pair polar needs 1 - cos(angle) >= PAIR_MIN * k * eps64 (see _polar_pair)
+
+
+def _polar_pair(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W (B, 2k, 2k) fp64 with polar([X1 X2]) = [X1 X2] W, for blocks (B, m, k) with orthonormal columns each.
 
     The Gram is [[I, C], [C^T, I]] with C = X1^T X2. With C^T C = Q diag(s^2) Q^T (the cosines s of the
     principal angles between the blocks), G^(-1/2) = [[I + C Q diag(phi) Q^T C^T, C Q diag(psi) Q^T],
     [Q diag(psi) Q^T C^T, I + Q diag(s^2 phi) Q^T]] with a = (1+s)^(-1/2), b = (1-s)^(-1/2),
     phi = ((a+b)/2 - 1)/s^2 and psi = (a-b)/(2s): both smooth at s = 0, so C's left singular vectors are
-    never formed. A shared direction (1 - s at round-off level) is G's null space: b is taken as 0 there, as
-    the pseudo-inverse does. A zero column (a round-off singular value of the task) stays zero."""
+    never formed. A zero column stays zero (and is flagged, as ``_polar_gram`` flags it). 1 - s comes from s^2,
+    whose absolute error is ~k eps64, so b is accurate only while the blocks share no direction closely:
+    members with 1 - s < PAIR_MIN k eps64 somewhere (a relative error above ~1e-7), or whose blocks are not
+    orthonormal to round-off (|X_i^T X_i - I| > 1e3 k eps64: vectors of tiny singular values), take the general path
+    (``_polar_gram``, whose Gram eigensolver refines such directions). Also returns ``_polar_gram``'s doubt."""
     x1, x2 = x1.double(), x2.double()
+    k = x1.shape[-1]
     c = _mm64(x1.mT, x2)
     lam, q = eigh(_mm64(c.mT, c))
     s = lam.clamp(0, 1).sqrt()
-    tol = 2 * x1.shape[-2] * torch.finfo(torch.float64).eps * 8
     one_minus = (1 - lam.clamp(max=1)) / (1 + s)  # 1 - s, without cancellation
-    # (a - 1)/s and (b - 1)/s without cancellation; b = 0 on shared directions
+    close = one_minus.amin(-1) < PAIR_MIN * k * torch.finfo(torch.float64).eps
+    eye = torch.eye(k, dtype=c.dtype, device=c.device)
+    for xb in (x1, x2):  # blocks orthonormal to fp64 round-off only (vectors of tiny singular values are not)
+        nz = xb.square().sum(-2) > 0.25  # zero columns are flagged below
+        g = torch.where(nz.unsqueeze(-1) & nz.unsqueeze(-2), _gram(xb) - eye, torch.zeros_like(c))
+        close |= torch.linalg.matrix_norm(g) > 1e3 * k * torch.finfo(torch.float64).eps
+    # (a - 1)/s and (b - 1)/s without cancellation
     am1 = -1 / ((1 + s).sqrt() * (1 + (1 + s).sqrt()))
-    shared = one_minus <= tol
-    rb = one_minus.clamp_min(tol).sqrt()
-    bm1 = torch.where(shared, torch.zeros_like(s), 1 / (rb * (1 + rb)))
+    rb = one_minus.clamp_min(1e-300).sqrt()
+    bm1 = 1 / (rb * (1 + rb))
     small = s < 1e-4
     ss = s.clamp_min(1e-4)
     phi = torch.where(small, 0.375 + 35 / 128 * s * s, (am1 + bm1) / (2 * ss))
     psi = torch.where(small, -0.5 - 5 / 16 * s * s, (am1 - bm1) / 2)
-    # shared: b = 0, so f - 1 = a/2 - 1 and h = a/2 (no small-s case: s is about 1 there)
-    a = (1 + s).rsqrt()
-    phi = torch.where(shared, (a / 2 - 1) / (s * s).clamp_min(1e-300), phi)
-    psi = torch.where(shared, a / (2 * s.clamp_min(1e-300)), psi)
     cq = _mm64(c, q)
-    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
     top = torch.cat([eye + _mm64(cq * phi.unsqueeze(1), cq.mT), _mm64(cq * psi.unsqueeze(1), q.mT)], -1)
     b22 = eye + _mm64(q * (s * s * phi).unsqueeze(1), q.mT)
-    return torch.cat([top, torch.cat([top[..., c.shape[-1]:].mT, b22], -1)], -2)
+    w = torch.cat([top, torch.cat([top[..., k:].mT, b22], -1)], -2)
+    # a zero column (a round-off singular value of a task): a partial isometry here, an SVD completes it
+    doubt = torch.cat([x1, x2], -1).square().sum(-2).amin(-1) < 0.25
+    if bool(close.any()):
+        w[close], _, _, doubt[close] = _polar_gram(torch.cat([x1[close], x2[close]], -1))
+    return w, doubt
 
 
-def polar_right(x: torch.Tensor, *, pair: bool = False) -> torch.Tensor:
+def polar_right(x: torch.Tensor, *, pair: bool = False, checked: bool = False):
     """The r x r matrix W with polar(X) = X W for each tall matrix X (..., m, r) of a stack (m >= r), fp64:
     W = (X^T X)^(-1/2) from the fp64 Gram (see ``polar``). Applying W to X's neighbours in a product instead of
     forming polar(X) saves an m x r x r GEMM wherever r x r products come first (TSV-M's U W S W' V^T).
 
     ``pair=True``: X = [X1 X2] of two equal blocks, each with orthonormal columns (zero columns allowed; TSV-M's
     packed singular vectors at T = 2): W in closed form from the k x k principal-angle problem of X1^T X2, one
-    eigendecomposition of half the size (an eighth of the work) and no m x r Gram."""
+    eigendecomposition of half the size (an eighth of the work) and no m x r Gram.
+
+    ``checked=True`` also returns a bool mask of the matrices whose W can't be trusted (``_polar_gram``'s doubt): their
+    polar factor is not unique (dependent columns) or too ill-conditioned for fp64."""
     xs, single = _stack(x, "x")
     m, r = xs.shape[-2:]
     if m < r:
         raise ValueError(f"polar_right needs a tall matrix (m >= r), got {m} x {r}")
     if xs.shape[0] == 0 or r == 0:
-        w = xs.new_zeros(xs.shape[0], r, r, dtype=torch.float64)
+        w, doubt = xs.new_zeros(xs.shape[0], r, r, dtype=torch.float64), torch.zeros(xs.shape[0], dtype=torch.bool)
     elif pair:
         if r % 2:
             raise ValueError(f"polar_right(pair=True) needs two equal blocks, got {r} columns")
-        w = batched(lambda xb: _polar_pair(xb[..., : r // 2], xb[..., r // 2:]), xs)
+        w, doubt = batched(lambda xb: _polar_pair(xb[..., : r // 2], xb[..., r // 2:]), xs)
     else:
-        w = batched(lambda xb: _polar_gram(xb)[0], xs)
-    return w[0] if single else w.reshape(*x.shape[:-2], r, r)
+        w, doubt = batched(lambda xb: _polar_gram(xb)[::3], xs)
+    w = w[0] if single else w.reshape(*x.shape[:-2], r, r)
+    return (w, doubt.reshape(x.shape[:-2])) if checked else w
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,7 +492,7 @@ def _topk_randomized(a: torch.Tensor, k: int, oversample: int, power_iters: int,
         z = _orthonormalize(af.mT @ y)
         y = _orthonormalize(af @ z)
     proj = y.mT @ af  # (B, ell, n)
-    u, s, vh = _topk_gram(proj, k, dt)
+    u, s, vh, _ = _topk_gram(proj, k, dt)
     return y.double() @ u, s, vh
 
 
@@ -402,75 +501,95 @@ def _topk_randomized(a: torch.Tensor, k: int, oversample: int, power_iters: int,
 
 
 def svd_topk(a: torch.Tensor, k: int, *, mode: str = "fast", oversample: int | None = None, power_iters: int = 2,
-             seed: int = 0, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             seed: int = 0, dtype: torch.dtype | None = None, checked: bool = False) -> tuple[torch.Tensor, ...]:
     """The top-k singular triplets of each matrix in a stack: U (..., m, k), S (..., k), Vh (..., k, n).
 
     Returned in ``dtype``: default fp32 (fp64 for fp64 input); fp64 from fp32 input also forms the vectors
     that the fast path derives by a GEMM in fp64 (orthonormal to fp64 round-off, for callers whose next step
     is sensitive to it). ``mode``: exact | fast | randomized (see the module docstring);
     ``oversample`` (default max(10, k/2)) and ``power_iters`` apply to randomized only; ``seed`` makes its
-    test matrix reproducible."""
+    test matrix reproducible. In fast mode, the members whose triplets the Gram path can't vouch for
+    (``_topk_gram``'s doubt: a rank-deficient matrix, a cut inside a tight cluster) are computed by an fp64 SVD
+    instead; ``checked=True`` also returns that bool mask (the leading dims of ``a``)."""
     _check_mode(mode)
-    x, single = _stack(a, "a")
+    x, _ = _stack(a, "a")
     r = min(x.shape[-2:])
     if not 0 <= k <= r:
         raise ValueError(f"k must lie in [0, min(m, n)] = [0, {r}], got {k}")
     out_dt = dtype or (torch.float64 if a.dtype == torch.float64 else torch.float32)
     work = torch.float64 if out_dt == torch.float64 else None
+    fell = torch.zeros(x.shape[0], dtype=torch.bool)
+
+    def exact(xb, dt=out_dt):
+        u, s, vh = torch.linalg.svd(xb.to(dt), full_matrices=False)
+        return u[..., :k], s[..., :k], vh[..., :k, :]
+
     if k == 0 or x.shape[0] == 0:
         u = x.new_zeros(*x.shape[:-1], k, dtype=out_dt)
         res = (u, x.new_zeros(x.shape[0], k, dtype=out_dt), x.new_zeros(x.shape[0], k, x.shape[-1], dtype=out_dt))
     elif mode == "exact":
-        def exact(xb):
-            u, s, vh = torch.linalg.svd(xb.to(out_dt), full_matrices=False)
-            return u[..., :k], s[..., :k], vh[..., :k, :]
         res = batched(exact, x)
     elif mode == "fast":
-        res = batched(lambda xb: _topk_gram(xb, k, work), x)
+        *res, fell = batched(lambda xb: _topk_gram(xb, k, work), x)
+        res = [t.to(out_dt) for t in res]
+        fell = fell.cpu()
+        if bool(fell.any()):
+            for t, e in zip(res, batched(lambda xb: exact(xb, torch.float64), x[fell.to(x.device)]), strict=True):
+                t[fell.to(t.device)] = e.to(out_dt)
     else:
         p = max(10, k // 2) if oversample is None else int(oversample)
-        res = batched(lambda xb: _topk_randomized(xb, k, p, power_iters, seed, work), x)
-    res = tuple(t.to(out_dt) for t in res)
-    if single:
-        return res[0][0], res[1][0], res[2][0]
+        res = batched(lambda xb: _topk_randomized(xb, k, p, power_iters, seed, work)[:3], x)
+    u, s, vh = (t.to(out_dt) for t in res)
     lead = a.shape[:-2]
-    u, s, vh = res
-    return u.reshape(*lead, *u.shape[-2:]), s.reshape(*lead, k), vh.reshape(*lead, *vh.shape[-2:])
+    out = (u.reshape(*lead, *u.shape[-2:]), s.reshape(*lead, k), vh.reshape(*lead, *vh.shape[-2:]),
+           fell.reshape(lead))
+    return out if checked else out[:3]
 
 
-def polar(x: torch.Tensor, *, mode: str = "fast", nuclear: bool = False):
+def polar(x: torch.Tensor, *, mode: str = "fast", nuclear: bool = False, checked: bool = False):
     """The orthogonal polar factor of each matrix in a stack (U V^T of its thin SVD), fp32 (fp64 for fp64).
 
     ``nuclear=True`` also returns each matrix's sum of singular values (Iso-C's mean singular value is it
-    divided by min(m, n)). ``mode``: exact (SVD) | fast (fp64 Gram + eigh); randomized is not a polar mode."""
+    divided by min(m, n)). ``mode``: exact (SVD) | fast (fp64 Gram + eigh); randomized is not a polar mode.
+    In fast mode the matrices ``_polar_gram`` doubts (rank-deficient, or conditioned beyond COND_MAX) are computed
+    by an fp64 SVD; ``checked=True`` also returns that bool mask."""
     if mode == "randomized":
         raise ValueError("polar has modes exact and fast (randomized applies to svd_topk only)")
     _check_mode(mode)
     xs, single = _stack(x, "x")
     out_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     m, n = xs.shape[-2:]
+    fell = torch.zeros(xs.shape[0], dtype=torch.bool)
+
+    def exact(xb, dt=out_dt):
+        u, s, vh = torch.linalg.svd(xb.to(dt), full_matrices=False)
+        return u @ vh, s.sum(-1)
+
     if xs.shape[0] == 0 or m == 0 or n == 0:
         p, nuc = xs.to(out_dt).clone(), xs.new_zeros(xs.shape[0], dtype=out_dt)
     elif mode == "exact":
-        def exact(xb):
-            u, s, vh = torch.linalg.svd(xb.to(out_dt), full_matrices=False)
-            return u @ vh, s.sum(-1)
         p, nuc = batched(exact, xs)
     else:
         tall = m >= n
 
         def fast(xb):
             xt = xb if tall else xb.mT
-            w, nuc, cond = _polar_gram(xt)
+            w, nuc, cond, doubt = _polar_gram(xt)
             p = _apply_polar(xt, w, cond, out_dt)
-            return (p if tall else p.mT), nuc
-        p, nuc = batched(fast, xs)
+            return (p if tall else p.mT), nuc, doubt
+        p, nuc, fell = batched(fast, xs)
+        fell = fell.cpu()
+        if bool(fell.any()):
+            sel = fell.to(xs.device)
+            pe, ne = batched(lambda xb: exact(xb, torch.float64), xs[sel])
+            p[sel], nuc[sel] = pe.to(p.dtype), ne.to(nuc.dtype)
     p, nuc = p.to(out_dt), nuc.to(out_dt)
     if single:
-        p, nuc = p[0], nuc[0]
+        p, nuc, fell = p[0], nuc[0], fell[0]
     else:
-        p, nuc = p.reshape(x.shape), nuc.reshape(x.shape[:-2])
-    return (p, nuc) if nuclear else p
+        p, nuc, fell = p.reshape(x.shape), nuc.reshape(x.shape[:-2]), fell.reshape(x.shape[:-2])
+    out = (p, nuc) if nuclear else (p,)
+    return out + (fell,) if checked else (out if nuclear else p)
 
 
 def project_out(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -101,10 +101,14 @@ def _mean(calls) -> list[torch.Tensor]:
     return _finish(calls, m)
 
 
-def _compute(taus: torch.Tensor) -> torch.Tensor:
-    """The compute dtype of the *_delta functions: fp32, or fp64 for fp64 task vectors (exact mode on fp64
+def _dtype(taus: torch.Tensor) -> torch.dtype:
+    """The result dtype of the *_delta functions: fp32, or fp64 for fp64 task vectors (exact mode on fp64
     input is then the mathematically exact result the benchmarks measure both modes against)."""
-    return taus if taus.dtype == torch.float64 else taus.float()
+    return torch.float64 if taus.dtype == torch.float64 else torch.float32
+
+
+def _compute(taus: torch.Tensor) -> torch.Tensor:
+    return taus.to(_dtype(taus))
 
 
 def _pack(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
@@ -115,8 +119,10 @@ def _pack(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
 
 
 def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str, pair: bool = False,
-                   dt: torch.dtype = torch.float32) -> torch.Tensor:
-    """polar(U) diag(s) polar(Vh) for stacks U (G, m, p), s (G, p), Vh (G, p, n).
+                   dt: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """polar(U) diag(s) polar(Vh) for stacks U (G, m, p), s (G, p), Vh (G, p, n), and a bool (G,) mask of the
+    members whose polar factors fast mode can't vouch for (``subspace.polar_right``'s check; the caller
+    recomputes those exactly).
 
     exact: both polar factors by SVD, Vh in the official orientation (an SVD of its transpose rounds
     differently, and the polar factor amplifies round-off by the packed matrix's condition number).
@@ -125,19 +131,21 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
     factor of the smaller side is formed, the p x p neighbours are multiplied into it, and only then comes the
     one large GEMM, so the larger side's polar factor (an m x p x p GEMM) is never formed. Otherwise (tasks
     sharing directions) both polar factors are formed in fp64 and only the final GEMM runs in fp32, where an
-    isometry, like exact mode's SVD-based factor, loses nothing. ``pair``: U and Vh^T are two orthonormal
-    blocks each (TSV-M at T = 2), solved in closed form; that form takes each block's orthonormality for
-    granted, so U and Vh must then be fp64 (fp32 rounding alone, 6e-8, moves a Gram eigenvalue of 1e-6 by
-    10 %; the Gram path sees the rounded matrix as it is)."""
+    isometry, like exact mode's SVD-based factor, loses nothing. U and Vh come in fp64: W amplifies the
+    rounding of its input by the packed matrix's condition number, which reaches 1e5-1e7 where tasks share a
+    direction, so fp32 singular vectors alone (6e-8) would cost up to 1e-3 there. ``pair``: U and Vh^T are two
+    orthonormal blocks each (TSV-M at T = 2), solved in closed form."""
+    G = U.shape[0]
     if mode == "exact":
-        return (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
+        out = (subspace.polar(U, mode=mode) * s.unsqueeze(1)) @ subspace.polar(Vh, mode=mode)
+        return out, torch.zeros(G, dtype=torch.bool)
     if U.shape[-1] == 0:  # no triplet kept (r < T): the update is zero
-        return U.new_zeros(U.shape[0], U.shape[-2], Vh.shape[-1], dtype=dt)
-    wu = subspace.polar_right(U, pair=pair)
-    wv = subspace.polar_right(Vh.mT, pair=pair)
+        return U.new_zeros(G, U.shape[-2], Vh.shape[-1], dtype=dt), torch.zeros(G, dtype=torch.bool)
+    wu, du = subspace.polar_right(U, pair=pair, checked=True)
+    wv, dv = subspace.polar_right(Vh.mT, pair=pair, checked=True)
     # U's and V's columns are unit vectors, so W's largest entry is (within sqrt(T)) the condition number
     cond = torch.maximum(wu.abs().amax((-2, -1)), wv.abs().amax((-2, -1)))
-    out = torch.empty(U.shape[0], U.shape[-2], Vh.shape[-1], dtype=dt, device=U.device)
+    out = torch.empty(G, U.shape[-2], Vh.shape[-1], dtype=dt, device=U.device)
     for sel, fp64 in subspace.by_precision(cond, dt):
         u, w1, w2, sv, vh = U[sel], wu[sel], wv[sel], s[sel].to(dt), Vh[sel]
         if fp64:  # the polar factors themselves, in fp64
@@ -149,77 +157,139 @@ def _orthogonalise(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, mode: str
             out[sel] = u @ ((w1 * sv.unsqueeze(1)) @ (w2 @ vh))
         else:
             out[sel] = ((u @ w1) @ (sv.unsqueeze(-1) * w2)) @ vh
+    return out, (du | dv).cpu()
+
+
+RESIDUAL_MIN = 1e-5  # Iso-CTS: task parts below this share of the common part's top value are round-off
+
+
+def _exact_where(fn, t: torch.Tensor, out: torch.Tensor, fell: torch.Tensor, **kw) -> torch.Tensor:
+    """Recompute the members ``fell`` marks (G,) of a fast-mode result ``out`` by the exact algorithm in fp64
+    (``fn(t[fell] in fp64, mode="exact")``): fast mode's fallback, equal to the fp64 algorithm there."""
+    if bool(fell.any()):
+        sel = fell.to(t.device)
+        out[sel] = fn(t[sel].double(), mode="exact", **kw).to(out.dtype)
     return out
 
 
+def _nonzero(t: torch.Tensor) -> torch.Tensor:
+    """(G,) members of a task stack (G, T, m, n) with any non-zero entry (the others merge to zero: no SVD)."""
+    return t.reshape(t.shape[0], -1).ne(0).any(-1)
+
+
 def tsv_m_delta(taus: torch.Tensor, *, mode: str = "fast", oversample: int | None = None,
-                power_iters: int = 2) -> torch.Tensor:
+                power_iters: int = 2, checked: bool = False):
     """TSV-M's merged update of stacks of task matrices: taus (..., T, m, n) -> (..., m, n) (alpha not
-    applied). ``mode``: exact | fast | randomized (fastmerge.subspace)."""
+    applied). ``mode``: exact | fast | randomized (fastmerge.subspace). In fast mode a matrix whose singular
+    triplets or polar factors the fast kernels can't vouch for is computed by the exact algorithm in fp64;
+    ``checked=True`` also returns that bool mask (the leading dims)."""
     lead, (T, m, n) = taus.shape[:-3], taus.shape[-3:]
     t = _compute(taus.reshape(-1, T, m, n))
     G = t.shape[0]
-    k = subspace.tsv_pack_sizes(min(m, n), T)
-    pair = T == 2 and mode != "exact"
-    u, s, vh = subspace.svd_topk(t.reshape(G * T, m, n), k, mode=mode, oversample=oversample,
-                                 power_iters=power_iters, dtype=torch.float64 if pair else None)
-    U, S, V = _pack(u.reshape(G, T, m, k), s.reshape(G, T, k), vh.reshape(G, T, k, n))
-    pad = min(m, n) - T * k
-    if mode == "exact" and pad:  # the official code's zero slots (they change only the rounding)
-        U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, 0, 0, pad))
-        S = torch.nn.functional.pad(S, (0, pad))
-    return _orthogonalise(U, S, V, _polar(mode), pair, t.dtype).reshape(*lead, m, n)
+    fell = torch.zeros(G, dtype=torch.bool)
+    out = t.new_zeros(G, m, n)
+    live = _nonzero(t)
+    if bool(live.any()):
+        tl = t[live] if not bool(live.all()) else t
+        Gl = tl.shape[0]
+        k = subspace.tsv_pack_sizes(min(m, n), T)
+        pair = T == 2 and mode != "exact"
+        u, s, vh, tf = subspace.svd_topk(tl.reshape(Gl * T, m, n), k, mode=mode, oversample=oversample,
+                                        power_iters=power_iters, checked=True,
+                                        dtype=torch.float64 if mode != "exact" else None)
+        U, S, V = _pack(u.reshape(Gl, T, m, k), s.reshape(Gl, T, k), vh.reshape(Gl, T, k, n))
+        pad = min(m, n) - T * k
+        if mode == "exact" and pad:  # the official code's zero slots (they change only the rounding)
+            U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, 0, 0, pad))
+            S = torch.nn.functional.pad(S, (0, pad))
+        dl, fl = _orthogonalise(U, S, V, _polar(mode), pair, t.dtype)
+        if mode == "fast":
+            dl = _exact_where(tsv_m_delta, tl, dl, fl)
+            fell[live.cpu()] = fl | tf.reshape(Gl, T).any(-1)
+        out[live] = dl
+    out = out.reshape(*lead, m, n)
+    return (out, fell.reshape(lead)) if checked else out
 
 
-def iso_c_delta(taus: torch.Tensor, *, mode: str = "fast") -> torch.Tensor:
-    """Iso-C's update: mean singular value x polar factor of the sum; taus (..., T, m, n) -> (..., m, n)."""
-    total = _compute(taus).sum(-3)
-    p, nuc = subspace.polar(total, mode=_polar(mode), nuclear=True)
-    return p * (nuc / min(total.shape[-2:]))[..., None, None]
+def iso_c_delta(taus: torch.Tensor, *, mode: str = "fast", checked: bool = False):
+    """Iso-C's update: mean singular value x polar factor of the sum; taus (..., T, m, n) -> (..., m, n). Fast
+    mode sums in fp64 (an fp32 sum alone moves the polar factor by 6e-8 x its condition number, 1e-4 where
+    tasks share a strong direction) and leaves rank-deficient or extremely ill-conditioned sums to an fp64 SVD
+    (``subspace.polar``); ``checked=True`` also returns that bool mask."""
+    total = (taus.double() if mode == "fast" else _compute(taus)).sum(-3)
+    p, nuc, fell = subspace.polar(total, mode=_polar(mode), nuclear=True, checked=True)
+    out = (p * (nuc / min(total.shape[-2:]))[..., None, None]).to(_dtype(taus))
+    return (out, fell) if checked else out
 
 
 def iso_cts_delta(taus: torch.Tensor, *, common_fraction: float = 0.8, mode: str = "fast",
-                  oversample: int | None = None, power_iters: int = 2) -> torch.Tensor:
-    """Iso-CTS's update; taus (..., T, m, n) -> (..., m, n)."""
+                  oversample: int | None = None, power_iters: int = 2, checked: bool = False):
+    """Iso-CTS's update; taus (..., T, m, n) -> (..., m, n). Fast mode works in fp64 throughout and recomputes
+    the matrices its kernels can't vouch for exactly (as ``tsv_m_delta``); ``checked=True`` also returns that
+    mask."""
     lead, (T, m, n) = taus.shape[:-3], taus.shape[-3:]
     t = _compute(taus.reshape(-1, T, m, n))
     G = t.shape[0]
+    fast = mode != "exact"
+    tw = t.double() if fast else t
     kc, st = subspace.iso_cts_sizes(min(m, n), T, common_fraction)
-    kw = {"mode": mode, "oversample": oversample, "power_iters": power_iters}
-    uc, sc, vhc = subspace.svd_topk(t.sum(1), kc, **kw)
+    kw = {"mode": mode, "oversample": oversample, "power_iters": power_iters, "checked": True,
+          "dtype": torch.float64 if fast else None}
+    uc, sc, vhc, fell = subspace.svd_topk(tw.sum(1), kc, **kw)
     if st:
         uc_t = uc.unsqueeze(1).expand(G, T, m, kc).reshape(G * T, m, kc)
-        resid = subspace.project_out(t.reshape(G * T, m, n), uc_t)
-        ut, stv, vht = subspace.svd_topk(resid, st, **kw)
+        resid = subspace.project_out(tw.reshape(G * T, m, n), uc_t)
+        ut, stv, vht, tf = subspace.svd_topk(resid, st, **kw)
+        fell = fell | tf.reshape(G, T).any(-1)
+        if fast:  # a task part that is only round-off of the projection (tasks inside the common subspace)
+            fell = fell | (stv.reshape(G, T, st)[..., 0] <= RESIDUAL_MIN * sc[:, :1]).any(-1).cpu()
         U, S, V = _pack(ut.reshape(G, T, m, st), stv.reshape(G, T, st), vht.reshape(G, T, st, n))
         U, S, V = torch.cat([U, uc], 2), torch.cat([S, sc], 1), torch.cat([V, vhc], 1)
     else:
         U, S, V = uc, sc, vhc
     mean = S.mean(1, keepdim=True).expand_as(S)
-    return _orthogonalise(U, mean, V, _polar(mode), dt=t.dtype).reshape(*lead, m, n)
+    out, fo = _orthogonalise(U, mean, V, _polar(mode), dt=t.dtype)
+    if mode == "fast":
+        out = _exact_where(iso_cts_delta, t, out, fo, common_fraction=common_fraction)
+    fell = fell | fo
+    out = out.reshape(*lead, m, n)
+    return (out, fell.reshape(lead)) if checked else out
 
 
 def _kw(o: dict[str, Any]) -> dict[str, Any]:
     return {"mode": o["mode"], "oversample": o["oversample"], "power_iters": o["power_iters"]}
 
 
+def _count(calls, fell: torch.Tensor) -> None:
+    """Fast mode's fallbacks, for the merge summary: matrices merged, and how many went to the exact path."""
+    notes = calls[0].notes
+    notes["svd_matrices"] = notes.get("svd_matrices", 0) + len(calls)
+    notes["svd_exact_fallback"] = notes.get("svd_exact_fallback", 0) + int(fell.sum())
+
+
 def tsv_m(calls, o: dict[str, Any]) -> list[torch.Tensor]:
     if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
         return _mean(calls)
-    return _finish(calls, tsv_m_delta(task_stack(calls), **_kw(o)))
+    delta, fell = tsv_m_delta(task_stack(calls), **_kw(o), checked=True)
+    _count(calls, fell)
+    return _finish(calls, delta)
 
 
 def iso_c(calls, o: dict[str, Any]) -> list[torch.Tensor]:
     if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
         return _mean(calls)
-    return _finish(calls, iso_c_delta(task_stack(calls), mode=o["mode"]))
+    delta, fell = iso_c_delta(task_stack(calls), mode=o["mode"], checked=True)
+    _count(calls, fell)
+    return _finish(calls, delta)
 
 
 def iso_cts(calls, o: dict[str, Any]) -> list[torch.Tensor]:
     if not is_matrix(calls[0].name, tuple(calls[0].base.shape), o):
         return _mean(calls)
     fr = float(calls[0].shared["common_fraction"])
-    return _finish(calls, iso_cts_delta(task_stack(calls), common_fraction=fr, **_kw(o)))
+    delta, fell = iso_cts_delta(task_stack(calls), common_fraction=fr, **_kw(o), checked=True)
+    _count(calls, fell)
+    return _finish(calls, delta)
 
 
 def tsv_c_factors(calls, o: dict[str, Any]):
@@ -233,7 +303,8 @@ def tsv_c_factors(calls, o: dict[str, Any]):
         return [tuple([taus[g]]) for g in range(G)]
     m, n = shape
     k = tsv_c_rank(min(m, n), T)
-    u, s, vh = subspace.svd_topk(taus.reshape(G * T, m, n), k, **_kw(o))
+    u, s, vh, fell = subspace.svd_topk(taus.reshape(G * T, m, n), k, **_kw(o), checked=True)
+    _count(calls, fell.reshape(G, T).any(-1))
     u, s, vh = u.reshape(G, T, m, k), s.reshape(G, T, k), vh.reshape(G, T, k, n)
     return [(u[g], s[g], vh[g]) for g in range(G)]
 

@@ -101,3 +101,17 @@ def make_llama_family(root: str, *, hidden: int = 64, layers: int = 2, vocab: in
         sd = {k: (v.float() + noise * torch.randn(v.shape, generator=ge)).to(dtype) for k, v in base.items()}
         paths.append(save_hf(os.path.join(root, f"ft{e}"), sd, cfg, layouts[e + 1]))
     return paths
+
+
+def shared_task_vectors(m: int, n: int, tasks: int, shared: float, *, seed: int = 0, rank: int = 16,
+                        shared_rank: int = 8, noise: float = 0.05) -> torch.Tensor:
+    """(tasks, m, n) fp32 task vectors as fine-tunes of one model have them: per-expert low rank + a component
+    every expert shares (``shared`` times as strong) + noise. Strong sharing makes the top singular vectors of
+    all tasks nearly equal, so TSV-M's packed singular vectors are ill-conditioned (1e5-1e7) and the sum of the
+    tasks has a large condition number: the regime where a Gram-based polar factor loses digits."""
+    g = torch.Generator().manual_seed(seed)
+    scale = (m * n) ** 0.25
+    common = shared * (torch.randn(m, shared_rank, generator=g) @ torch.randn(shared_rank, n, generator=g)) / scale
+    out = [3 * (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) / scale + common
+           + noise * torch.randn(m, n, generator=g) for _ in range(tasks)]
+    return torch.stack(out) * 1e-3

@@ -190,16 +190,22 @@ def test_polar_ill_conditioned_stack():
         assert float((p[i].double() - U[i] @ Vh[i]).norm() / math.sqrt(40)) < 1e-6, i
 
 
-def test_polar_partial_isometry_on_zero_columns():
-    """TSV-M's packed U has empty slots: the factor is zero there and an isometry on the rest."""
+def test_polar_rank_deficient_falls_back_to_svd():
+    """A rank-deficient matrix has no unique polar factor: fast mode returns the SVD's (its completion of the
+    null directions, as the official code and exact mode get it), flags it, and keeps the fast path for the
+    full-rank members of the same stack; polar_right flags it too (its W is the partial isometry)."""
     q = torch.linalg.qr(torch.randn(50, 12)).Q
-    x = torch.cat([q[:, :5], q[:, 5:9] + 0.3 * q[:, :4], torch.zeros(50, 3)], 1)  # 12 columns, 3 zero
-    p = subspace.polar(x)
-    assert float(p[:, 9:].abs().max()) < 1e-6
-    eye = torch.eye(9)
-    assert float((p[:, :9].T @ p[:, :9] - eye).abs().max()) < 1e-5
-    U, _, Vh = torch.linalg.svd(x[:, :9], full_matrices=False)
-    torch.testing.assert_close(p[:, :9], U @ Vh, rtol=1e-5, atol=1e-5)
+    deficient = torch.cat([q[:, :5], q[:, 5:9] + 0.3 * q[:, :4], torch.zeros(50, 3)], 1)  # 12 columns, 3 zero
+    x = torch.stack([deficient, q + 0.1 * torch.randn(50, 12)])
+    p, fell = subspace.polar(x, checked=True)
+    assert fell.tolist() == [True, False]
+    U, _, Vh = torch.linalg.svd(x.double(), full_matrices=False)
+    torch.testing.assert_close(p.double(), U @ Vh, rtol=1e-6, atol=1e-6)
+    w, doubt = subspace.polar_right(x, checked=True)
+    assert doubt.tolist() == [True, False]
+    pw = deficient.double() @ w[0]
+    assert float(pw[:, 9:].abs().max()) < 1e-12  # a partial isometry: zero on the empty columns
+    torch.testing.assert_close(pw[:, :9].T @ pw[:, :9], torch.eye(9, dtype=torch.float64), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="randomized"):
         subspace.polar(x, mode="randomized")
 
@@ -226,8 +232,10 @@ def test_polar_right_pair_matches_gram(m, k):
     SVD's polar factor wherever that is unique (no shared direction, no zero column)."""
     x1, x2 = _orthonormal_pair(m, k)
     x = torch.cat([x1, x2], -1)
-    pair, gram = x @ subspace.polar_right(x, pair=True), x @ subspace.polar_right(x)
+    wp, doubt = subspace.polar_right(x, pair=True, checked=True)
+    pair, gram = x @ wp, x @ subspace.polar_right(x)
     torch.testing.assert_close(pair, gram, rtol=1e-10, atol=1e-10)
+    assert doubt.tolist() == [False, True, False, True]  # a shared direction, a zero column: not unique
     U, _, Vh = torch.linalg.svd(x[::2], full_matrices=False)
     torch.testing.assert_close(pair[::2], U @ Vh, rtol=1e-9, atol=1e-9)
     # a shared direction: the factor is a partial isometry (its Gram is a projector of rank 2k - 3)

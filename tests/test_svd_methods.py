@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from _models import llama_config, save_hf
+from _models import llama_config, save_hf, shared_task_vectors
 from peers import official_is_matrix, official_iso_c, official_iso_cts, official_mean, official_tsv_c, official_tsv_m
 from safetensors.torch import load_file
 
@@ -256,3 +256,84 @@ def test_fewer_directions_than_tasks(T):
         out = svd_methods.tsv_m_delta(taus, mode=mode)
         assert out.shape == (4, *taus.shape[-2:]) and float(out.abs().max()) == 0.0, mode
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fast mode's contract: within 1e-4 of the same algorithm in fp64 on every matrix, or computed exactly (and
+# reported). The fp32 inputs are the same for both; only the arithmetic differs.
+
+DELTAS = {"tsv_m": svd_methods.tsv_m_delta, "iso_c": svd_methods.iso_c_delta, "iso_cts": svd_methods.iso_cts_delta}
+
+
+def _fast_vs_fp64(method, taus):
+    fn = DELTAS[method]
+    ref = fn(taus.double(), mode="exact")
+    out, fell = fn(taus, mode="fast", checked=True)
+    assert out.dtype == torch.float32 and fell.shape == taus.shape[:-3]
+    errs = [_rel(out[g], ref[g]) if float(ref[g].norm()) else float(out[g].norm())
+            for g in range(taus.shape[0])]
+    return errs, fell
+
+
+@pytest.mark.parametrize("shape", [(160, 160), (288, 96), (96, 288)], ids=str)
+@pytest.mark.parametrize("T", [2, 4, 8])
+@pytest.mark.parametrize("method", list(DELTAS))
+def test_fast_mode_within_1e4_of_fp64_where_tasks_share_a_component(method, T, shape):
+    """Shared-component strengths 0, 30 and 1000 (the last puts TSV-M's packed singular vectors at a condition
+    number of ~1e7, where a pseudo-inverse tolerance once dropped real directions: 10-50 % off)."""
+    taus = torch.stack([shared_task_vectors(*shape, T, s, seed=i) for i, s in enumerate((0.0, 30.0, 1e3))])
+    errs, fell = _fast_vs_fp64(method, taus)
+    assert max(errs) <= 1e-4, (errs, fell)
+    assert not bool(fell.any()), fell  # well-posed: no fallback needed
+
+
+@pytest.mark.parametrize("T", [2, 4])
+@pytest.mark.parametrize("method", list(DELTAS))
+def test_fast_mode_degenerate_matrices_fall_back_to_exact(method, T):
+    """Where the fp64 algorithm's result depends on an SVD's arbitrary choices (an expert whose tensor equals
+    the base, two identical experts, noise-free low-rank tasks, equal singular values at the cut), fast mode
+    computes that matrix exactly in fp64, says so, and matches the fp64 algorithm; its neighbours in the
+    stack stay on the fast path."""
+    m = n = 128
+    g = torch.Generator().manual_seed(T)
+    zero = shared_task_vectors(m, n, T, 10.0, seed=1)
+    zero[-1] = 0
+    dup = shared_task_vectors(m, n, T, 10.0, seed=2)
+    dup[1] = dup[0]
+    lowrank = torch.stack([torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g) for _ in range(T)])
+    lowrank[..., n // 2:] = 0  # exactly rank-deficient (fp32 round-off alone leaves a full-rank tail at 1e-7)
+    q = [torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q for _ in range(2 * T)]
+    s = torch.linspace(1, 0.1, m, dtype=torch.float64)
+    k = m // T
+    s[k - 3:k + 3] = s[k]  # a tie across the cut
+    tie = torch.stack([(q[2 * t] * s) @ q[2 * t + 1].T for t in range(T)]).float()
+    fine = shared_task_vectors(m, n, T, 30.0, seed=3)
+    taus = torch.stack([zero, dup, lowrank, tie, fine])
+    errs, fell = _fast_vs_fp64(method, taus)
+    assert max(errs) <= 1e-4, (errs, fell)
+    assert not bool(fell[4]), fell
+    if method != "iso_c":  # Iso-C sums the tasks: only its rank-deficient sums are degenerate
+        assert bool(fell[:2].all()), fell
+    else:
+        assert bool(fell[2]), fell  # a sum with zero columns: the SVD's completion carries mean(s)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
+def test_merge_summary_reports_fallbacks(fam, tmp_path, method):
+    """An expert identical to the base (a zero task vector on every tensor) makes every matrix degenerate:
+    the summary says how many of the matrices fast mode computed exactly, and the weights equal exact mode's
+    on fp64 task vectors to 1e-4."""
+    same = save_hf(str(tmp_path / "same"), _load(fam[0]), llama_config(48, 2, 400, 80, "float32"))
+    models = [fam[1], same]
+    c = {"merge_method": method, "base_model": fam[0], "models": [{"model": m} for m in models]}
+    s = fastmerge.merge(c, str(tmp_path / "o"), quiet=True)
+    matrices = s.extra["svd_matrices"]
+    assert matrices == 2 * 7 + 2  # 7 per layer, the embedding and the head (text_projection is excluded)
+    assert s.extra["svd_exact_fallback"] == matrices
+    assert f"{matrices} of {matrices} matrices fell back to the exact fp64 path" in str(s)
+    got, base = _load(str(tmp_path / "o")), _load(fam[0])
+    taus = {k: torch.stack([_load(m)[k].double() - base[k].double() for m in models]) for k in got}
+    fn = DELTAS[method]
+    for k, t in taus.items():
+        if t.dim() == 3 and k != "text_projection":
+            assert _rel(got[k].double() - base[k].double(), fn(t, mode="exact")) <= 1e-4, k
