@@ -163,6 +163,21 @@ def test_threshold_streaming_equals_kthvalue(dtype):
         ops.magnitude_threshold(chunks, allv.numel() + 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_small_threshold_equals_the_histogram_path(dtype, monkeypatch):
+    """Few elements are ranked by a selection (ops._SMALL): the same thresholds as the two-pass histogram,
+    with ties, -0.0, inf and values that round to the same fp32 key."""
+    g = torch.Generator().manual_seed(3)
+    x = ((torch.randn(3001, generator=g, dtype=torch.float64) * 8).round() / 4).to(dtype)
+    x[0], x[1], x[2] = -0.0, math.inf, -math.inf
+    chunks = [x[:1000], x[1000:].reshape(1, -1)[:, ::2], x[1001::2]]
+    n = sum(c.numel() for c in chunks)
+    ks = (0, 1, 2, 3, 17, n // 2, n - 1, n)
+    small = [ops.magnitude_threshold(chunks, k) for k in ks]
+    monkeypatch.setattr(ops, "_SMALL", -1)
+    assert small == [ops.magnitude_threshold(chunks, k) for k in ks]
+
+
 def test_threshold_passes_bf16_one_pass():
     sel = ops.MagnitudeThreshold()
     sel.add(torch.randn(1000).bfloat16())
