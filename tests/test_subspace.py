@@ -248,6 +248,26 @@ def test_polar_right_pair_matches_gram(m, k):
                                x32 @ subspace.polar_right(x32).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_polar_right_pair_keeps_the_closed_form_for_close_random_subspaces(monkeypatch):
+    """Two random halves of a space (TSV-M at T = 2 on noise-like task vectors) often share a direction to
+    1 - cos = 1e-7: the closed form is still exact there (its limit is 1 - cos ~ 1e4 k eps64), so it must not
+    hand such members to the general Gram path (2-4x slower; a too-wide margin once did on whole models)."""
+    g = torch.Generator().manual_seed(0)
+    m, k = 256, 64
+    q = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    theta = math.sqrt(2e-7)  # 1 - cos(theta) = 1e-7, as measured between two noise tasks' top halves
+    x2 = q[:, k:2 * k].clone()
+    x2[:, 0] = math.cos(theta) * q[:, 0] + math.sin(theta) * q[:, k]
+    x = torch.cat([q[:, :k], x2], -1)
+    calls = []
+    real = subspace._polar_gram
+    monkeypatch.setattr(subspace, "_polar_gram", lambda *a: calls.append(1) or real(*a))
+    w, doubt = subspace.polar_right(x, pair=True, checked=True)
+    assert not calls and not bool(doubt)
+    U, _, Vh = torch.linalg.svd(x, full_matrices=False)
+    torch.testing.assert_close(x @ w, U @ Vh, rtol=0, atol=1e-9)
+
+
 def test_polar_right_rejects_bad_shapes():
     with pytest.raises(ValueError, match="tall"):
         subspace.polar_right(torch.randn(5, 8))
