@@ -115,3 +115,22 @@ def shared_task_vectors(m: int, n: int, tasks: int, shared: float, *, seed: int 
     out = [3 * (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) / scale + common
            + noise * torch.randn(m, n, generator=g) for _ in range(tasks)]
     return torch.stack(out) * 1e-3
+
+
+def cfg(method, fam, mp=None, gp=None, extra=None, base=True, n=None, **top):
+    """A merge config dict: ``method`` over ``fam`` = [base, expert, ...] (the first n experts), per-model
+    parameters ``mp``, global parameters ``gp``, ``fastmerge:`` settings ``extra``, other top-level keys."""
+    c = {"merge_method": method,
+         "models": [{"model": m, "parameters": dict(mp or {})} for m in fam[1:1 + (n or len(fam) - 1)]]}
+    if base:
+        c["base_model"] = fam[0]
+    if gp:
+        c["parameters"] = gp
+    if extra:
+        c["fastmerge"] = extra
+    c.update(top)
+    return c
+
+
+def leftovers(parent):
+    return [p for p in os.listdir(parent) if p.startswith(".")]

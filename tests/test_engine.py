@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _models import make_llama_family, save_hf
+from _models import cfg, leftovers, make_llama_family, save_hf
 from safetensors.torch import load_file
 
 import fastmerge
@@ -31,23 +31,6 @@ def load_dir(path):
         if f.endswith(".safetensors"):
             out.update(load_file(os.path.join(path, f)))
     return out
-
-
-def cfg(method, fam, mp=None, gp=None, extra=None, base=True, n=None, **top):
-    c = {"merge_method": method,
-         "models": [{"model": m, "parameters": dict(mp or {})} for m in fam[1:1 + (n or len(fam) - 1)]]}
-    if base:
-        c["base_model"] = fam[0]
-    if gp:
-        c["parameters"] = gp
-    if extra:
-        c["fastmerge"] = extra
-    c.update(top)
-    return c
-
-
-def leftovers(parent):
-    return [p for p in os.listdir(parent) if p.startswith(".")]
 
 
 # ---------------------------------------------------------------------------------------------------------

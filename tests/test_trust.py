@@ -14,7 +14,7 @@ import tracemalloc
 import pytest
 import torch
 import yaml
-from _models import make_llama_family, save_hf
+from _models import cfg, leftovers, make_llama_family, save_hf
 from safetensors.torch import load_file, save_file
 
 import fastmerge
@@ -28,21 +28,6 @@ from fastmerge.io import Checkpoint, CheckpointError, read_header
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("fam")
     return make_llama_family(str(root), hidden=32, layers=2, vocab=64, experts=2, dtype=torch.float32, seed=3)
-
-
-def cfg(method, fam, mp=None, gp=None, extra=None, **top):
-    c = {"merge_method": method, "base_model": fam[0],
-         "models": [{"model": m, "parameters": dict(mp or {})} for m in fam[1:]]}
-    if gp:
-        c["parameters"] = gp
-    if extra:
-        c["fastmerge"] = extra
-    c.update(top)
-    return c
-
-
-def leftovers(parent):
-    return [p for p in os.listdir(parent) if p.startswith(".")]
 
 
 def fails(tmp_path, c, exc, match, out="out"):
