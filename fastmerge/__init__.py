@@ -42,7 +42,7 @@ def reconstruct(store, task, out_dir, **options):
     return _reconstruct(store, task, out_dir, **options)
 
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # noqa: E402
 
 __all__ = [
     "MagnitudeThreshold",

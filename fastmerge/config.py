@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ._config import BACKENDS
+
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -42,7 +44,7 @@ UNSUPPORTED_KEYS = {
 FASTMERGE_KEYS = {
     "compat": ("mergekit", "official", "fusionbench", "peft"),
     "trim": ("tensor", "global"),
-    "backend": None,
+    "backend": ("auto", *BACKENDS),
     "tasks": None,
     "extra_tensors": ("error", "ignore"),
     "svd": ("exact", "fast", "randomized"),
@@ -261,9 +263,6 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
             raise ConfigError(f"fastmerge.{k}: expected one of {', '.join(allowed)}, got {v!r}")
     cfg = MergeConfig(method, base, models, dict(params), parse_dtype(data.get("dtype"), "dtype"),
                       parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), data)
-    from . import methods
-
-    methods.validate(cfg)
     return cfg
 
 

@@ -38,6 +38,7 @@ from . import consensus, methods, ops, store
 from .config import ConfigError, MergeConfig, layer_t
 from .config import load as load_config
 from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, _itemsize, check_mapped, parse_size
+from .plan import Group, Job
 from .signals import interruptible
 
 SIDE_FILES = (
@@ -46,51 +47,6 @@ SIDE_FILES = (
     "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
 )
 RECORD = "fastmerge_config.yml"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One output tensor: where its inputs are, how it is merged."""
-
-    name: str
-    shape: tuple[int, ...]
-    sources: tuple[TensorInfo, ...]         # one per input model (config order); only the base's when copied
-    floating: bool
-    out_dtype: torch.dtype
-    shared: dict[str, Any]
-    per_input: tuple[dict[str, Any], ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def in_bytes(self) -> int:
-        return sum(s.nbytes for s in self.sources)
-
-    @property
-    def out_bytes(self) -> int:
-        return self.numel * _itemsize(self.out_dtype)
-
-
-@dataclass(frozen=True)
-class Group:
-    """Same-shape jobs merged as one stack (methods with a ``batch`` function): read, merged and written
-    together, budgeted as one."""
-
-    jobs: tuple[Job, ...]
-
-    @property
-    def name(self) -> str:
-        return self.jobs[0].name + (f" (+{len(self.jobs) - 1} same-shape)" if len(self.jobs) > 1 else "")
-
-    @property
-    def in_bytes(self) -> int:
-        return sum(j.in_bytes for j in self.jobs)
-
-    @property
-    def out_bytes(self) -> int:
-        return sum(j.out_bytes for j in self.jobs)
 
 
 # bytes of fp32/fp64 working memory per element and task of a stacked subspace merge (task vectors, the fp64
@@ -336,6 +292,7 @@ def _num_layers(path: str) -> int | None:
 class Engine:
     def __init__(self, cfg: MergeConfig, *, device: str = "auto", seed: int = 0,
                  memory_budget: int | str | None = None, out_shard_size: int | str = "5B", quiet: bool = False):
+        methods.validate(cfg)  # the method's own checks (config.load knows no method)
         self.cfg = cfg
         self.method = methods.get(cfg.method)
         if device == "auto":
@@ -821,7 +778,7 @@ class Engine:
     def _record(self, directory: str) -> None:
         import yaml
 
-        from . import __version__
+        from ._version import __version__
 
         raw = dict(self.cfg.raw)
         rec = {"fastmerge_version": __version__, "seed": self.seed, "device": str(self.device),

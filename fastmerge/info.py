@@ -32,7 +32,7 @@ def build_info() -> dict:
 
 
 def report() -> str:
-    from . import __version__
+    from ._version import __version__
 
     lines = [
         f"fastmerge {__version__}",

@@ -477,12 +477,6 @@ def validate(cfg: MergeConfig) -> None:
             raise ConfigError(f"fastmerge.{given[0]}: applies to {who}, not {m.name}")
     if compat != "mergekit" and m.name not in ("ties",):
         raise ConfigError(f"fastmerge.compat: {compat} changes the semantics of ties only, not {m.name}")
-    backend = cfg.options.get("backend")
-    if backend is not None:
-        from ._config import BACKENDS
-
-        if backend not in ("auto", *BACKENDS):
-            raise ConfigError(f"fastmerge.backend: expected one of auto, {', '.join(BACKENDS)}; got {backend!r}")
 
 
 def resolve(cfg: MergeConfig, tensor: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:

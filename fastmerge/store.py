@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .io import Checkpoint, OutputDir, ShardedWriter
+from .plan import Group
 from .signals import interruptible
 
 FORMAT = "fastmerge-multitask-store"
@@ -83,8 +84,6 @@ def _base_layout(engine) -> list:
 def _stream_stacks(engine, writers: list[ShardedWriter], items_of) -> None:
     """Stream the engine's units (same-shape stacks) into ``writers``: every tensor's base values into
     writers[0], and ``items_of([(job, inputs)] of the floating jobs)`` -> [(writer, name, tensor)] for the rest."""
-    from .engine import Group
-
     bi = engine.cfg.models.index(engine.cfg.base)
 
     def one(unit, tensors):

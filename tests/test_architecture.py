@@ -1,0 +1,96 @@
+"""The package's shape: no import cycles between fastmerge's modules.
+
+Walks every module's imports with ``ast`` (function-level imports included: a cycle deferred into a function
+is still a cycle of responsibilities) and fails on any strongly connected component of more than one module.
+"""
+
+import ast
+import importlib.machinery
+import os
+
+import fastmerge
+
+PKG = os.path.dirname(fastmerge.__file__)
+
+
+def _modules() -> dict[str, str]:
+    """dotted name -> path of every Python module of the package."""
+    out = {}
+    for d, _, files in os.walk(PKG):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(d, f), os.path.dirname(PKG))[:-3]
+                out[rel.replace(os.sep, ".").removesuffix(".__init__")] = os.path.join(d, f)
+    return out
+
+
+def _is_extension(dotted: str) -> bool:
+    head, _, name = dotted.rpartition(".")
+    folder = os.path.join(os.path.dirname(PKG), *head.split("."))
+    return any(os.path.exists(os.path.join(folder, name + s)) for s in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
+    pkg = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    deps = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                if sub in modules or _is_extension(sub):
+                    deps.add(sub)  # a submodule (or the compiled extension), not the package around it
+                else:
+                    deps.add(base)
+        elif isinstance(node, ast.Import):
+            deps.update(alias.name for alias in node.names)
+    return {d for d in deps if d in modules and d != name}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one node."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {n: _imports(n, p, modules) for n, p in modules.items()}
+    cycles = _cycles(graph)
+    detail = ["; ".join(f"{m} -> {', '.join(sorted(graph[m] & set(c)))}" for m in c) for c in cycles]
+    assert not cycles, "import cycles: " + " | ".join(detail)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
