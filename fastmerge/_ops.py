@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _config
+from . import context
 from .backends import select
 
 _LIB = torch.library.Library("fastmerge", "DEF")  # noqa: TOR901 - the namespace is owned by this module
@@ -249,7 +249,7 @@ def _run(op: str, *a) -> None:
         return
     if op == "orth_project":
         x, u, out = a
-        if torch.float64 in (x.dtype, u.dtype, out.dtype) and not _config.forced_backend():
+        if torch.float64 in (x.dtype, u.dtype, out.dtype) and not context.forced_backend():
             from .backends import get_backend  # fp64: two BLAS GEMMs in fp64, which is what the reference does
 
             fn = get_backend("reference").fn(op)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ._config import BACKENDS
+from .env import BACKENDS
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from . import consensus, methods, ops, store
+from . import consensus, context, methods, ops, store
 from .config import ConfigError, MergeConfig, layer_t
 from .config import load as load_config
 from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, _itemsize, check_mapped, parse_size
@@ -497,8 +497,8 @@ class Engine:
 
             bar = tqdm(total=sum(j.in_bytes for j in jobs), unit="B", unit_scale=True, unit_divisor=1000,
                        desc=desc, dynamic_ncols=True, leave=True)
-        rt = threading.Thread(target=reader, name="fastmerge-reader", daemon=True)
-        wt = threading.Thread(target=writer, name="fastmerge-writer", daemon=True) if write else None
+        rt = threading.Thread(target=context.worker(reader), name="fastmerge-reader", daemon=True)
+        wt = threading.Thread(target=context.worker(writer), name="fastmerge-writer", daemon=True) if write else None
         rt.start()
         if wt:
             wt.start()
@@ -646,9 +646,10 @@ class Engine:
 
     def _run(self, out_dir: str, t_start: float) -> MergeSummary:
         forced = self.cfg.options.get("backend")
-        old_env = os.environ.get("FASTMERGE_BACKEND")
-        if forced:
-            os.environ["FASTMERGE_BACKEND"] = str(forced)
+        with context.use(backend=None if forced in (None, "auto") else forced):
+            return self._run_in_context(out_dir, t_start)
+
+    def _run_in_context(self, out_dir: str, t_start: float) -> MergeSummary:
         try:
             if not self.jobs:
                 self.plan()
@@ -671,11 +672,6 @@ class Engine:
         finally:
             for ck in self.ckpts:
                 ck.close()
-            if forced:
-                if old_env is None:
-                    os.environ.pop("FASTMERGE_BACKEND", None)
-                else:
-                    os.environ["FASTMERGE_BACKEND"] = old_env
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return MergeSummary(os.path.abspath(out_dir), self.cfg.method, len(self.jobs), time.perf_counter() - t_start,
                             self.bytes_read, written, peak_rss(), gpu, self.passes,

@@ -665,7 +665,9 @@ class ShardedWriter:
 def _open_direct(path: str) -> int | None:
     """A second, O_DIRECT descriptor of ``path``, or None where the OS or filesystem has none (tmpfs, macOS)."""
     flag = getattr(os, "O_DIRECT", 0)
-    if not flag or os.environ.get("FASTMERGE_DIRECT_IO", "1") == "0":
+    from .env import direct_io
+
+    if not flag or not direct_io():
         return None
     try:
         return os.open(path, os.O_WRONLY | flag)

@@ -7,42 +7,38 @@ fp16/bf16 inputs are accumulated in fp32 by every backend.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from . import _ops  # noqa: F401 - registers torch.ops.fastmerge.*
+from . import (
+    _ops,  # noqa: F401 - registers torch.ops.fastmerge.*
+    context,
+)
 from .reference import ELECT, HIST_BINS, MERGE
 
 _I64 = 1 << 64
 _NAN_BIN = 0x7F81  # level-0 bins above +inf's bin (0x7F80) hold NaN keys only
 
 
-_alloc = threading.local()
+_cache = threading.local()  # per-thread scratch (the one-shot threshold histograms)
 
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.empty, or a buffer from the allocator :func:`allocating` installed on this thread (host memory
-    only): the engine reuses buffers across tensors, since first-touch page faults cost as much as the maths."""
-    fn = getattr(_alloc, "fn", None)
+    """torch.empty, or a buffer from the op context's allocator (host memory only): the engine reuses buffers
+    across tensors, since first-touch page faults cost as much as the maths."""
+    fn = context.current().allocator
     if fn is not None and torch.device(device).type == "cpu":
         return fn(tuple(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@contextlib.contextmanager
-def allocating(fn: Callable[[tuple, torch.dtype], torch.Tensor]) -> Iterator[None]:
-    """Within the block, outputs and scratch buffers of the ops on this thread come from ``fn(shape, dtype)``."""
-    prev = getattr(_alloc, "fn", None)
-    _alloc.fn = fn
-    try:
-        yield
-    finally:
-        _alloc.fn = prev
+def allocating(fn: Callable[[tuple, torch.dtype], torch.Tensor] | None):
+    """Within the block, outputs and scratch buffers of the ops come from ``fn(shape, dtype)`` (None: torch)."""
+    return context.use(allocator=fn)
 
 
 def to_i64(v: int) -> int:
@@ -163,7 +159,7 @@ def _key_to_float(key: int) -> float:
 
 def _zeroed_hist(device: torch.device) -> torch.Tensor:
     """This thread's reusable histogram for one-shot thresholds, zeroed (zero_ is ~10x cheaper than zeros)."""
-    cache = _alloc.__dict__.setdefault("hists", {})
+    cache = _cache.__dict__.setdefault("hists", {})
     h = cache.get(device)
     if h is None:
         h = cache[device] = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)

@@ -42,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import context
+
 MODES = ("exact", "fast", "randomized")
 
 _pool: ThreadPoolExecutor | None = None
@@ -50,9 +52,11 @@ _pool_lock = threading.Lock()
 
 def workers() -> int:
     """CPU worker threads for batched LAPACK: FASTMERGE_THREADS, else the cores this process may use."""
-    env = os.environ.get("FASTMERGE_THREADS")
-    if env:
-        return max(1, int(env))
+    from .env import threads
+
+    n = threads()
+    if n is not None:
+        return n
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -113,7 +117,8 @@ def batched(fn: Callable[..., tuple | torch.Tensor], *xs: torch.Tensor) -> tuple
         return fn(*xs)
     bounds = [round(i * n / w) for i in range(w + 1)]
     with _one_thread():
-        futs = [_executor().submit(fn, *(x[a:b] for x in xs)) for a, b in zip(bounds, bounds[1:], strict=False)]
+        run = context.worker(fn)
+        futs = [_executor().submit(run, *(x[a:b] for x in xs)) for a, b in zip(bounds, bounds[1:], strict=False)]
         parts = [f.result() for f in futs]
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)

@@ -8,6 +8,8 @@ import ast
 import importlib.machinery
 import os
 
+import pytest
+
 import fastmerge
 
 PKG = os.path.dirname(fastmerge.__file__)
@@ -94,3 +96,64 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_environment_is_read_in_env_py_only():
+    """Every FASTMERGE_* variable the code or README mentions is in fastmerge.env's table, and no module but
+    env.py reads the environment for one (setup.py reads the build-time ones: it runs before the package)."""
+    import re
+
+    from fastmerge import env
+
+    root = os.path.dirname(PKG)
+    seen, readers = set(), []
+    for top in ("fastmerge", "kernels", "csrc", "setup.py", "README.md"):
+        path = os.path.join(root, top)
+        files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+        for f in files:
+            if not f.endswith((".py", ".cpp", ".h", ".cu", ".cuh", ".md")):
+                continue
+            text = open(f, encoding="utf-8").read()
+            seen |= set(re.findall(r"\bFASTMERGE_[A-Z_]*[A-Z]\b", text))
+            rel = os.path.relpath(f, root)
+            if f.endswith(".py") and rel not in ("fastmerge/env.py", "setup.py") and re.search(
+                    r"environ(?:\.get)?\s*[\[(]\s*['\"]FASTMERGE_", text):
+                readers.append(rel)
+    seen -= {"FASTMERGE_KEYS", "FASTMERGE_WITH_CUDA"}  # a config table's name; a C++ macro setup.py defines
+    assert seen <= set(env.VARIABLES), sorted(seen - set(env.VARIABLES))
+    assert not readers, readers
+
+
+def test_op_context_forces_the_backend_and_lends_buffers_to_its_thread_only(monkeypatch):
+    import threading
+
+    import torch
+
+    from fastmerge import context, ops, subspace
+
+    monkeypatch.setenv("FASTMERGE_THREADS", "2")  # the stack below goes to two pool threads
+    x = torch.randn(64)
+    assert context.forced_backend() is None or os.environ.get("FASTMERGE_BACKEND")
+    with context.use(backend="reference"):
+        assert context.forced_backend() == "reference"
+        assert ops.magnitude_threshold(x, 3) == float(x.abs().sort(descending=True).values[2])
+        seen = []
+        t = threading.Thread(target=context.worker(lambda: seen.append(context.current())))
+        t.start()
+        t.join()
+        assert seen[0].backend == "reference"
+    assert context.current().backend is None
+    lent = []
+
+    def alloc(shape, dtype):
+        lent.append(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    with ops.allocating(alloc):
+        ops.empty((3,), torch.float32, "cpu")
+        outs = subspace.batched(lambda xb: (context.current().allocator is None) * torch.ones(xb.shape[0]),
+                                torch.zeros(4, 2, 2))
+    assert lent == [(3,)] and bool(outs.all())  # pool threads never use the caller's pool
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with context.use(backend="bogus"):
+            pass

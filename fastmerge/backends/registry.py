@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _config
+from .. import context, env
 
 OPS = (
     "abs_histogram",
@@ -127,8 +127,8 @@ def select(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], n_exp
     the device's priority list is walked; falling back to the reference on a device that has a native
     backend warns once per (op, device).
     """
-    forced = _config.forced_backend()
-    if forced == "triton" and device.type == "cpu" and not _config.triton_interpret():
+    forced = context.forced_backend()
+    if forced == "triton" and device.type == "cpu" and not env.triton_interpret():
         raise NoBackendError(f"{op}: FASTMERGE_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
     names = (forced,) if forced else PRIORITY.get(device.type, ("reference",))
     reasons = {}
