@@ -16,6 +16,7 @@ merge pass (:func:`prepare`). ``tall`` and ``emr`` give one model per task and w
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -439,6 +440,9 @@ def validate(cfg: MergeConfig) -> None:
         raise ConfigError(f"merge_method {m.name} needs at least one model besides the base "
                           f"(models: lists only {cfg.base.label if cfg.base else 'one model'})")
     names = {p.name: p for p in param_specs(m, compat)}
+    if "int8_mask" in cfg.parameters and "int8_mask" in names:
+        warnings.warn("parameters.int8_mask: ignored (mergekit stores its masks as int8 to save memory; fastmerge's "
+                      "kernels never materialise float masks), the result is the same", stacklevel=2)
     for k, v in cfg.parameters.items():
         if k not in names:
             raise ConfigError(f"parameters.{k}: not a parameter of {m.name}; expected one of {', '.join(names)}")

@@ -185,6 +185,15 @@ def test_backend_typo_is_a_config_error(fam):
         load_config(cfg("ties", fam, {"weight": 1}, extra={"backend": "bogus"}))
 
 
+def test_int8_mask_is_a_warning_naming_the_key(fam):
+    """mergekit's int8_mask only changes how mergekit stores its masks: accepted, with a warning that says so."""
+    from fastmerge import methods
+
+    c = load_config(cfg("ties", fam, {"weight": 1, "density": 0.5}, gp={"int8_mask": True}))
+    with pytest.warns(UserWarning, match="parameters.int8_mask: ignored"):
+        methods.validate(c)
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("a: &a [" + ",".join(["x"] * 20) + "]\n" + "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 20) + "]\n"
                                                        for p, c in zip("abcdefg", "bcdefgh", strict=True))
