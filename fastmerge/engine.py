@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from . import consensus, context, methods, ops, store
+from . import consensus, context, methods, ops
 from .config import ConfigError, MergeConfig, layer_t
 from .config import load as load_config
 from .io import Checkpoint, CheckpointError, OutputDir, ShardedWriter, TensorInfo, _itemsize, check_mapped, parse_size
@@ -621,7 +621,7 @@ class Engine:
             return
         t0 = time.perf_counter()
         compat = cfg.options.get("compat", "mergekit")
-        rule = "mergekit" if compat == "mergekit" and cfg.method in ("ties", "magnitude_prune") else "official"
+        rule = "mergekit" if compat == "mergekit" and self.method.mergekit_trim else "official"
         experts = [i for i, m in enumerate(cfg.models) if m is not cfg.base]
         bi = cfg.models.index(cfg.base)
         jobs = [j for j in self.jobs if j.floating]
@@ -660,7 +660,7 @@ class Engine:
                     self.method.prepare(self)
                     self.stages["stats"] += time.perf_counter() - t0
                 if self.method.store:
-                    extra = store.write_store(self, od)
+                    extra = self.method.sink(self, od)
                     written = extra.pop("bytes_written")
                 else:
                     written = self._write_model(od.tmp)

@@ -15,6 +15,7 @@ merge pass (:func:`prepare`). ``tall`` and ``emr`` give one model per task and w
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import consensus, doge, ops, svd_methods
+from . import consensus, doge, ops, store, svd_methods
 from .config import ConfigError, MergeConfig
 
 REQUIRED = object()
@@ -78,10 +79,16 @@ class Method:
     base: str = "required"           # required | optional | forbidden
     min_inputs: int = 1
     max_inputs: int | None = None
-    store: bool = False              # writes a multi-task store instead of one model
+    sink: Callable[[Any, Any], dict] | None = None  # (engine, OutputDir) -> summary extras: writes a multi-task
+    #                                               store instead of one model (fastmerge.store)
     doc: str = ""
     batch: Callable[[list[TensorCall]], list[torch.Tensor]] | None = None  # a stack of same-shape tensors at once
     prepare: Callable[[Any], None] | None = None  # streaming statistics passes before the merge (gets the engine)
+    mergekit_trim: bool = False      # under compat mergekit, global trim keeps mergekit's per-tensor rounding rule
+
+    @property
+    def store(self) -> bool:
+        return self.sink is not None
 
 
 @dataclass
@@ -373,7 +380,8 @@ METHODS: dict[str, Method] = {
                     doc="spherical interpolation between the base (t=0) and one other model (t=1)"),
     "passthrough": Method("passthrough", (Param("scale", INPUT, float, None),), _passthrough, base="optional",
                           max_inputs=1, doc="copy one model (optionally scaled)"),
-    **{name: Method(name, g.params(), g, doc="task vectors: sparsify, weight, consensus, combine")
+    **{name: Method(name, g.params(), g, doc="task vectors: sparsify, weight, consensus, combine",
+                    mergekit_trim=name in ("ties", "magnitude_prune"))
        for name, g in _GTA.items()},
     "consensus_ta": Method("consensus_ta", (Param("lambda", SHARED, float, 1.0), Param("k", SHARED, int, 2, 0.0),
                                             *_TALL_PARAMS), _consensus(False),
@@ -381,15 +389,16 @@ METHODS: dict[str, Method] = {
     "consensus_ties": Method("consensus_ties", (Param("lambda", SHARED, float, 1.0), Param("k", SHARED, int, 2, 0.0),
                                                 *_TALL_PARAMS), _consensus(True),
                              doc="TALL-mask consensus over the TIES (dis-sum) vector"),
-    "tall": Method("tall", (Param("mtl", SHARED, str, "ta"), *_TALL_PARAMS), None, store=True,
+    "tall": Method("tall", (Param("mtl", SHARED, str, "ta"), *_TALL_PARAMS), None,
+                   sink=functools.partial(store.write_mask_store, parts=tall_parts, rescale=False),
                    doc="TALL masks: a multi-task store (shared tau_MTL + one packed mask per task)"),
-    "emr": Method("emr", (), None, store=True,
+    "emr": Method("emr", (), None, sink=functools.partial(store.write_mask_store, parts=emr_parts, rescale=True),
                   doc="EMR-merging: a multi-task store (tau_uni + one packed mask and scale per task)"),
     **{name: _subspace(name, doc) for name, doc in (
         ("tsv_m", "Task Singular Vectors merge: top r/T triplets per task, orthogonalised, original values"),
         ("iso_c", "Iso-C: mean singular value x polar factor of the summed task vectors"),
         ("iso_cts", "Iso-CTS: common + task-specific subspaces, orthogonalised, flattened spectrum"))},
-    "tsv_c": Method("tsv_c", (Param("weight", NONBASE, float, 1.0),), None, store=True, min_inputs=2,
+    "tsv_c": Method("tsv_c", (Param("weight", NONBASE, float, 1.0),), None, sink=store.write_tsvc_store, min_inputs=2,
                     doc="TSV-C: a multi-task store of each task's top r/T singular triplets per matrix",
                     batch=lambda calls: svd_methods.tsv_c_factors(
                         calls, svd_methods.options(calls[0].options, "tsv_c"))),
@@ -403,7 +412,8 @@ METHODS["doge_ta"] = Method("doge_ta", _DOGE_PARAMS, lambda c: doge.merge_stack(
                             batch=doge.merge_stack, prepare=doge.stats,
                             doc="DOGE: projected Adam on a shared modification of the task vectors, adaptive "
                                 "coefficients, global top-K masks")
-METHODS["doge_am"] = Method("doge_am", _DOGE_PARAMS, None, min_inputs=2, store=True, batch=doge.am_stack,
+METHODS["doge_am"] = Method("doge_am", _DOGE_PARAMS, None, min_inputs=2, sink=store.write_task_vector_store,
+                            batch=doge.am_stack,
                             prepare=doge.stats,
                             doc="DOGE_AM: per-task modified task vectors (tau_i + Delta_i) * M_i, as a task-vector "
                                 "store")

@@ -162,19 +162,13 @@ def write_task_vector_store(engine, od: OutputDir) -> dict:
     return _finish_meta(engine, od, names, [1.0] * T, wb.bytes_written + wt.bytes_written, kind="task_vectors")
 
 
-def write_store(engine, od: OutputDir) -> dict:
-    """Stream the engine's jobs into a store inside ``od`` (called by Engine.run)."""
-    from . import methods
-
-    if engine.cfg.method == "tsv_c":
-        return write_tsvc_store(engine, od)
-    if engine.cfg.method == "doge_am":
-        return write_task_vector_store(engine, od)
-
+def write_mask_store(engine, od: OutputDir, *, parts, rescale: bool) -> dict:
+    """A shared tensor + one packed mask per task (TALL, EMR), streamed from the engine's jobs into ``od``.
+    ``parts(call)`` -> (shared, masks (T, ...), stats (T, 2)); ``rescale``: per-task scales from the stats
+    (EMR's sum of mean|tau_t| over that of mean|tau_uni * mask_t|), else 1."""
     cfg, jobs = engine.cfg, engine.jobs
     names = _task_names(cfg)
     T = len(names)
-    parts = methods.emr_parts if cfg.method == "emr" else methods.tall_parts
     fl = [j for j in jobs if j.floating]
     bi = cfg.models.index(cfg.base)
     base_layout = _base_layout(engine)
@@ -208,7 +202,7 @@ def write_store(engine, od: OutputDir) -> dict:
     finally:
         for w in (wb, ws, wm):
             w.close()
-    if cfg.method == "emr":
+    if rescale:
         scales = torch.where(den > 0, num / den.clamp(min=1e-300), torch.ones_like(num)).tolist()
     else:
         scales = [1.0] * T
@@ -240,7 +234,7 @@ def reconstruct(store_dir: str, task: str | int, out_dir: str, *, out_shard_size
     else:
         raise ValueError(f"task {task!r} is not in the store; it has {tasks}")
     scale = float(meta["scales"][t])
-    tsvc = meta.get("method") == "tsv_c"
+    tsvc = os.path.isdir(os.path.join(store_dir, "factors"))  # TSV-C's layout: base + per-task factors
     tv = meta.get("kind") == "task_vectors"
     parts = ("base", "factors") if tsvc else ("base", "task_vectors") if tv else ("base", "shared", "masks")
     cks = [Checkpoint(os.path.join(store_dir, p), name=f"store {p}") for p in parts]

@@ -157,3 +157,26 @@ def test_op_context_forces_the_backend_and_lends_buffers_to_its_thread_only(monk
     with pytest.raises(ValueError, match="backend must be one of"):
         with context.use(backend="bogus"):
             pass
+
+
+FAMILIES = ("methods.py", "consensus.py", "svd_methods.py", "doge.py")  # the methods and their family modules
+
+
+def test_only_the_methods_know_their_names():
+    """Outside the method modules nothing compares against a method's name (``cfg.method == "emr"``): what a
+    method needs (its sink, its trim rule, its statistics pass) is declared on its ``Method``."""
+    from fastmerge.methods import METHODS
+
+    names = set(METHODS)
+    hits = []
+    for rel, path in sorted(_modules().items()):
+        if os.path.basename(path) in FAMILIES:
+            continue
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Compare):
+                consts = [c for side in (node.left, *node.comparators)
+                          for c in ([side] if not isinstance(side, (ast.Tuple, ast.List, ast.Set)) else side.elts)
+                          if isinstance(c, ast.Constant) and c.value in names]
+                if consts:
+                    hits.append(f"{rel}:{node.lineno} compares with {consts[0].value!r}")
+    assert not hits, hits
