@@ -251,7 +251,7 @@ def test_polar_right_pair_matches_gram(m, k):
 def test_polar_right_pair_keeps_the_closed_form_for_close_random_subspaces(monkeypatch):
     """Two random halves of a space (TSV-M at T = 2 on noise-like task vectors) often share a direction to
     1 - cos = 1e-7: the closed form is still exact there (its limit is 1 - cos ~ 1e4 k eps64), so it must not
-    hand such members to the general Gram path (2-4x slower; a too-wide margin once did on whole models)."""
+    hand such members to the general Gram path (2-4x slower per stack)."""
     g = torch.Generator().manual_seed(0)
     m, k = 256, 64
     q = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
