@@ -558,7 +558,8 @@ class Engine:
             self.passes += 1
 
     # ------------------------------------------------------------------------------------------- merge
-    def _call(self, job: Job, tensors: list[torch.Tensor]) -> methods.TensorCall:
+    def tensor_call(self, job: Job, tensors: list[torch.Tensor]) -> methods.TensorCall:
+        """What a method's ``fn``/``batch`` (or a store sink) gets for one job and its input tensors."""
         bi = self.cfg.models.index(self.cfg.base) if self.cfg.base is not None else None
         return methods.TensorCall(job.name, tensors, bi, job.shared, list(job.per_input), self.seed, job.out_dtype,
                                   self.cfg.options, self.stats, self.notes)
@@ -567,7 +568,7 @@ class Engine:
         if not job.floating:
             return tensors[0]
         try:
-            out = self.method.fn(self._call(job, tensors))
+            out = self.method.fn(self.tensor_call(job, tensors))
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"merging tensor {job.name!r} with {self.cfg.method}: {e}{self._nonfinite(tensors)}") from e
         return out
@@ -711,7 +712,7 @@ class Engine:
         return units
 
     def _merge_group(self, g: Group, tensors: list[list[torch.Tensor]]) -> tuple[Group, list[torch.Tensor]]:
-        calls = [self._call(j, ts) for j, ts in zip(g.jobs, tensors, strict=True)]
+        calls = [self.tensor_call(j, ts) for j, ts in zip(g.jobs, tensors, strict=True)]
         try:
             outs = self.method.batch(calls)
         except (ValueError, RuntimeError) as e:

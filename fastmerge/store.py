@@ -130,7 +130,7 @@ def write_tsvc_store(engine, od: OutputDir) -> dict:
 
     def factors(fl):
         items = []
-        for (j, _), parts in zip(fl, svd_methods.tsv_c_factors([engine._call(j, ts) for j, ts in fl], o),
+        for (j, _), parts in zip(fl, svd_methods.tsv_c_factors([engine.tensor_call(j, ts) for j, ts in fl], o),
                                  strict=True):
             if len(parts) == 1:
                 items.append((wf, j.name + ".tau", parts[0].to(j.out_dtype)))
@@ -155,7 +155,7 @@ def write_task_vector_store(engine, od: OutputDir) -> dict:
     wt = ShardedWriter(od.sub("task_vectors"), tv_layout, engine.out_shard_bytes)
 
     def vectors(fl):
-        vecs = engine.method.batch([engine._call(j, ts) for j, ts in fl])
+        vecs = engine.method.batch([engine.tensor_call(j, ts) for j, ts in fl])
         return [(wt, j.name, v.to(j.out_dtype)) for (j, _), v in zip(fl, vecs, strict=True)]
 
     _stream_stacks(engine, [wb, wt], vectors)
@@ -184,7 +184,7 @@ def write_mask_store(engine, od: OutputDir, *, parts, rescale: bool) -> dict:
     def one(job, tensors):
         if not job.floating:
             return [(wb, job.name, tensors[0])]
-        shared, masks, stats = parts(engine._call(job, tensors))
+        shared, masks, stats = parts(engine.tensor_call(job, tensors))
         if job.numel:
             num.add_(stats[:, 0].cpu() / job.numel)
             den.add_(stats[:, 1].cpu() / job.numel)
