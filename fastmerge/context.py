@@ -50,7 +50,7 @@ def use(**changes) -> contextlib.AbstractContextManager[OpContext]:
 
 def forced_backend() -> str | None:
     """The backend every op must run on: this context's, else FASTMERGE_BACKEND's, else None (pick per call)."""
-    return current().backend or env.forced_backend()
+    return current().backend or env.backend()
 
 
 def worker(fn: Callable) -> Callable:

@@ -1,7 +1,7 @@
 """Every environment variable fastmerge reads, in one table; the package reads them here and nowhere else.
 
     variable               values                          read by / effect
-    FASTMERGE_BACKEND      auto|reference|cpp|cuda|triton  forced_backend(): one kernel backend for every op
+    FASTMERGE_BACKEND      auto|reference|cpp|cuda|triton  backend(): one kernel backend for every op
                                                            (debugging, benchmarks; a config's fastmerge.backend
                                                            does it for one merge)
     FASTMERGE_THREADS      integer >= 1                    threads(): the subspace methods' LAPACK workers
@@ -39,7 +39,7 @@ VARIABLES = {
 }
 
 
-def forced_backend() -> str | None:
+def backend() -> str | None:
     """FASTMERGE_BACKEND=reference|cpp|cuda|triton forces one backend (debugging, benchmarks); unset/auto: pick."""
     v = os.environ.get("FASTMERGE_BACKEND", "auto").strip().lower()
     if v in ("", "auto"):

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import mmap
+import operator
 import os
 import shlex
 import shutil
@@ -117,10 +118,6 @@ class _Raw(tuple):
     __slots__ = ()
 
 
-def _start(t: TensorInfo) -> int:
-    return t.start
-
-
 def _uint(v) -> bool:
     return type(v) is int and v >= 0
 
@@ -203,7 +200,7 @@ def read_header(path: str, model: str = "") -> dict[str, TensorInfo]:
             )
         out[name] = TensorInfo(name, path, dtype, shape, data0 + b, data0 + e)
     end, prev = 0, None
-    for t in sorted(out.values(), key=_start):
+    for t in sorted(out.values(), key=operator.attrgetter("start")):
         b, e, name = t.start - data0, t.end - data0, t.name
         if b != end:
             after = repr(prev) if prev else "the header"

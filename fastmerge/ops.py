@@ -185,20 +185,18 @@ def magnitude_threshold(tensors: torch.Tensor | list[torch.Tensor], k: int) -> f
     return sel.threshold()
 
 
-_SMALL = 1 << 14  # below this many elements a selection beats a 65536-bin histogram and its scan
+_SMALL = 1 << 14  # below this many elements one radix select beats a 65536-bin histogram and its scan
 
 
 def _small_threshold(ts: list[torch.Tensor], n: int, k: int) -> float:
-    """magnitude_threshold for few elements: the same fp32 magnitude keys, ranked by a selection."""
+    """magnitude_threshold for few elements: the fp32 magnitudes as one row, ranked by the radix-select op."""
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}] (elements seen), got {k}")
-    keys = torch.cat([t.detach().to(ts[0].device).float().reshape(-1).view(torch.int32) & 0x7FFFFFFF for t in ts])
     for t in ts:
         if bool(torch.isnan(t).any()):
             raise ValueError(f"NaN in tensor (shape {tuple(t.shape)}): cannot rank magnitudes")
-    if k == 0:
-        return math.inf
-    return _key_to_float(int(keys.kthvalue(n - k + 1).values))
+    row = torch.cat([t.detach().to(ts[0].device).float().reshape(-1) for t in ts]).reshape(1, n)
+    return float(row_kth_largest_abs(row, k)[0])
 
 
 def row_kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
