@@ -1,4 +1,4 @@
-"""DOGE_TA: the batched closed-form path (fastmerge.doge, fused step kernels, one Adam state per layer) against
+"""DOGE_TA: the batched closed-form path (fastmerge.algo.doge, fused step kernels, one Adam state per layer) against
 the sequential reference written from the spec (tests/peers.py: one layer after the other, autograd on the
 row-wise loss, a fresh torch.optim.Adam per layer, the m x m projector), side by side in one run.
 
@@ -18,7 +18,8 @@ import peers
 import pytest
 import torch
 
-from fastmerge import doge
+from fastmerge.algo import doge
+from fastmerge.methods.doge import DEFAULTS
 
 STEPS = int(os.environ.get("FASTMERGE_BENCH_DOGE_STEPS", "400"))
 BLOCKS = {
@@ -60,7 +61,7 @@ def test_doge_block(benchmark, provider, block):
         def run():
             return peers.official_doge(base, tasks, keys, steps=STEPS)[0]
     else:
-        p = dict(doge.DEFAULTS, steps=STEPS)
+        p = dict(DEFAULTS, steps=STEPS)
         lo = _thresholds(base, tasks, keys, p["density"])
 
         def run():

@@ -11,7 +11,8 @@ from conftest import provider_device, record, timed
 from shapes import SHAPES, shape_id
 
 import fastmerge
-from fastmerge import consensus, ops
+from fastmerge import ops
+from fastmerge.algo import ties as sign_consensus
 
 DTYPES = [torch.bfloat16, torch.float32]
 DT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -55,7 +56,7 @@ def test_dare(benchmark, forced, provider, shape, dtype):
     if provider == "mergekit":
         fn = lambda: x * torch.bernoulli(torch.full_like(x, 0.5)) / 0.5  # noqa: E731
     else:
-        fn = lambda: consensus.dare(x, 0.5, seed=1, key="w")  # noqa: E731
+        fn = lambda: sign_consensus.dare(x, 0.5, seed=1, key="w")  # noqa: E731
     timed(benchmark, fn, dev, rounds=1 if provider == "reference" else 3)
     n = math.prod(shape)
     record(benchmark, bytes_moved=2 * n * x.element_size(), elements=n, op="dare", provider=provider)
@@ -120,7 +121,7 @@ def test_other_ops(benchmark, forced, provider, op, shape):
         "tall": lambda: ops.tall_masks(base, ex, [0.4] * 3),
         "consensus": lambda: ops.consensus_merge(base, ex, [0.4] * 3),
         "emr": lambda: ops.emr_elect(base, ex),
-        "della": lambda: consensus.della(ex[0], 0.5, 0.1, seed=1, key="w"),
+        "della": lambda: sign_consensus.della(ex[0], 0.5, 0.1, seed=1, key="w"),
     }
     timed(benchmark, fns[op], dev, rounds=2)
     n = math.prod(shape)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from _models import shared_task_vectors
 
-from fastmerge import svd_methods
+from fastmerge.methods import subspace as svd_methods
 
 BLOCKS = {  # one transformer block's 2-D weights
     "vit_b32": [(2304, 768), (768, 768), (3072, 768), (768, 3072)],

@@ -9,13 +9,16 @@ import importlib
 # Attributes load on first use (PEP 562), so that `fastmerge.cli` starts without importing torch: the command
 # line installs its signal handling first (fastmerge.signals), and a Ctrl-C during torch's import is not lost.
 _LAZY = {
-    "consensus": ".consensus", "ops": ".ops", "reference": ".reference",
+    "ops": ".ops", "reference": ".reference", "subspace": ".algo.subspace",
     "NoBackendError": ".backends",
-    "breadcrumbs": ".consensus", "dare": ".consensus", "della": ".consensus", "magnitude_prune": ".consensus",
-    "ties": ".consensus", "ties_global": ".consensus",
+    "breadcrumbs": ".algo.ties", "dare": ".algo.ties", "della": ".algo.ties", "magnitude_prune": ".algo.ties",
+    "ties": ".algo.ties", "ties_global": ".algo.ties",
     "MagnitudeThreshold": ".ops", "magnitude_threshold": ".ops", "name_key": ".ops",
-    "iso_c_delta": ".svd_methods", "iso_cts_delta": ".svd_methods", "tsv_m_delta": ".svd_methods",
+    "iso_c_delta": ".methods.subspace", "iso_cts_delta": ".methods.subspace", "tsv_m_delta": ".methods.subspace",
 }
+
+
+_MODULES = frozenset({"ops", "reference", "subspace"})
 
 
 def __getattr__(name: str):
@@ -23,7 +26,7 @@ def __getattr__(name: str):
     if mod is None:
         raise AttributeError(f"module 'fastmerge' has no attribute {name!r}")
     m = importlib.import_module(mod, __name__)
-    value = m if mod == f".{name}" else getattr(m, name)
+    value = m if name in _MODULES else getattr(m, name)
     globals()[name] = value
     return value
 
@@ -48,7 +51,6 @@ __all__ = [
     "MagnitudeThreshold",
     "NoBackendError",
     "breadcrumbs",
-    "consensus",
     "dare",
     "iso_c_delta",
     "iso_cts_delta",
@@ -60,6 +62,7 @@ __all__ = [
     "ops",
     "reconstruct",
     "reference",
+    "subspace",
     "ties",
     "ties_global",
     "tsv_m_delta",

@@ -12,7 +12,7 @@ fastmerge-only settings live under a top-level ``fastmerge:`` mapping, which mer
 multi-task store), ``extra_tensors`` (``error``, the default, or ``ignore``: tensors a model has and the base
 lacks) and,
 for the subspace methods, ``svd`` (exact, fast or randomized), ``svd_oversample``, ``svd_power_iters`` and
-``exclude_keys`` (see fastmerge.svd_methods).
+``exclude_keys`` (see fastmerge.methods.subspace).
 """
 
 from __future__ import annotations

@@ -47,6 +47,12 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# the files of an HF model directory besides its weights, copied from the base into the output
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+)
 _MAX_HEADER = 100 << 20
 _PAGE = mmap.PAGESIZE
 _DIRECT_MIN = 1 << 20      # tensors smaller than this are written buffered

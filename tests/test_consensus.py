@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import fastmerge
-from fastmerge import consensus, ops
+from fastmerge import ops
 from fastmerge import reference as ref
+from fastmerge.algo import ties as sign_consensus
 
 
 def tie_free(shape, scale=1.0):
@@ -27,7 +28,7 @@ def model(T, shape=(24, 40)):
 @pytest.mark.parametrize("compat", ["official", "mergekit", "peft"])
 def test_magnitude_prune(density, compat):
     x = tie_free((33, 17))
-    got = consensus.magnitude_prune(x, density, compat=compat)
+    got = sign_consensus.magnitude_prune(x, density, compat=compat)
     if compat == "mergekit":
         want = peers.mk_magnitude(x, density)
     elif compat == "peft":
@@ -98,32 +99,32 @@ def test_ties_official_zero_sign_majority():
 
 def test_breadcrumbs_official_and_mergekit():
     x = tie_free((12, 50))
-    torch.testing.assert_close(consensus.breadcrumbs(x, 0.2, 0.06), peers.official_breadcrumbs(x, 0.2, 0.06))
+    torch.testing.assert_close(sign_consensus.breadcrumbs(x, 0.2, 0.06), peers.official_breadcrumbs(x, 0.2, 0.06))
     v = tie_free((77,))
-    torch.testing.assert_close(consensus.breadcrumbs(v, 0.3, 0.1), peers.official_breadcrumbs(v, 0.3, 0.1))
+    torch.testing.assert_close(sign_consensus.breadcrumbs(v, 0.3, 0.1), peers.official_breadcrumbs(v, 0.3, 0.1))
     for dens, gamma in [(0.3, 0.01), (0.5, 0.0), (0.9, 0.2)]:
-        got = consensus.breadcrumbs(x, dens, gamma, per_row=False)
+        got = sign_consensus.breadcrumbs(x, dens, gamma, per_row=False)
         assert torch.equal(got, peers.mk_outliers(x, dens, gamma)), (dens, gamma)
 
 
 def test_dare_statistics_and_rescale():
     x = torch.randn(200_000)
     for p in (0.1, 0.5, 0.9):
-        y = consensus.dare(x, p, seed=1, key="w")
+        y = sign_consensus.dare(x, p, seed=1, key="w")
         kept = (y != 0).float().mean().item()
         assert abs(kept - (1 - p)) < 4 * math.sqrt(p * (1 - p) / x.numel())
         torch.testing.assert_close(y[y != 0], x[y != 0] / (1 - p))
-        l1 = consensus.dare(x, p, seed=1, key="w", rescale="l1")
+        l1 = sign_consensus.dare(x, p, seed=1, key="w", rescale="l1")
         torch.testing.assert_close(l1.abs().sum(), x.abs().sum(), rtol=1e-5, atol=0)
         assert torch.equal(l1 != 0, y != 0)
-    a, b = consensus.dare(x, 0.5, seed=1, key="a"), consensus.dare(x, 0.5, seed=1, key="b")
+    a, b = sign_consensus.dare(x, 0.5, seed=1, key="a"), sign_consensus.dare(x, 0.5, seed=1, key="b")
     assert not torch.equal(a != 0, b != 0)
-    assert torch.equal(consensus.dare(x, 0.5, seed=9, key="a"), consensus.dare(x, 0.5, seed=9, key="a"))
+    assert torch.equal(sign_consensus.dare(x, 0.5, seed=9, key="a"), sign_consensus.dare(x, 0.5, seed=9, key="a"))
 
 
 def test_della_statistics():
     x = tie_free((64, 500))
-    y = consensus.della(x, 0.5, 0.2, seed=3, key="w", rescale=False)
+    y = sign_consensus.della(x, 0.5, 0.2, seed=3, key="w", rescale=False)
     kept = (y != 0).float()
     # keep probability rises with rank: small magnitudes ~0.3, large ~0.7
     order = x.abs().argsort(dim=1)

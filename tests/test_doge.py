@@ -12,10 +12,12 @@ from peers import official_doge
 from safetensors.torch import load_file
 
 import fastmerge
-from fastmerge import doge, ops
+from fastmerge import ops
 from fastmerge import reference as ref
+from fastmerge.algo import doge
 from fastmerge.backends import get_backend
 from fastmerge.config import ConfigError
+from fastmerge.methods.doge import DEFAULTS, official_layer
 
 
 def _dev(name):
@@ -119,9 +121,9 @@ def _rel(a, b):
                                                    ([(18, 26)], 2, None), ([(20, 20), (20, 20)], 3, 1)])
 def test_batched_optimizer_equals_sequential_reference(shapes, T, zero):
     base, tasks = _layers(shapes, T, zero_task=zero)
-    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    keys = [k for k in base if official_layer(k) and base[k].dim() == 2]
     want, deltas = official_doge(base, tasks, keys, steps=60)
-    p = dict(doge.DEFAULTS, steps=60)
+    p = dict(DEFAULTS, steps=60)
     lo = None
     for shape in sorted(set(shapes)):
         ks = [k for k in sorted(keys) if tuple(base[k].shape) == shape]
@@ -139,11 +141,11 @@ def test_batched_optimizer_equals_sequential_reference(shapes, T, zero):
 
 def test_am_optimizer_equals_sequential_reference():
     base, tasks = _layers([(22, 18), (22, 18)], 3, seed=4)
-    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    keys = [k for k in base if official_layer(k) and base[k].dim() == 2]
     want, deltas = official_doge(base, tasks, keys, per_task=True, steps=50)
     ks = sorted(keys)
     taus = torch.stack([torch.stack([t[k] - base[k] for t in tasks]) for k in ks])
-    _, delta = doge.prepare_layers(taus, dict(doge.DEFAULTS, steps=50), True, "exact")
+    _, delta = doge.prepare_layers(taus, dict(DEFAULTS, steps=50), True, "exact")
     for k, d in zip(ks, delta, strict=True):
         for i in range(3):
             assert _rel(d[i], deltas[k][i]) < 1e-4, (k, i)
@@ -180,7 +182,7 @@ def test_doge_ta_through_the_engine(clip_family, tmp_path):
     out = str(tmp_path / "o")
     s = fastmerge.merge(_cfg("doge_ta", paths, {"steps": 40}, {"svd": "exact"}), out, quiet=True)
     got = load_file(os.path.join(out, "model.safetensors"))
-    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    keys = [k for k in base if official_layer(k) and base[k].dim() == 2]
     want, _ = official_doge(base, tasks, keys, steps=40)
     for k in base:
         assert _rel(got[k], want[k]) < 1e-5, k
@@ -203,7 +205,7 @@ def test_doge_am_store_and_reconstruct(clip_family, tmp_path):
     store = str(tmp_path / "store")
     s = fastmerge.merge(_cfg("doge_am", paths, {"steps": 30}, {"svd": "exact"}), store, quiet=True)
     assert s.extra["kind"] == "task_vectors"
-    keys = [k for k in base if doge.official_layer(k) and base[k].dim() == 2]
+    keys = [k for k in base if official_layer(k) and base[k].dim() == 2]
     want, _ = official_doge(base, tasks, keys, per_task=True, steps=30)
     tv = load_file(os.path.join(store, "task_vectors", "model.safetensors"))
     for k in keys:

@@ -14,7 +14,8 @@ from _models import cfg, leftovers, make_llama_family, save_hf
 from safetensors.torch import load_file
 
 import fastmerge
-from fastmerge import consensus, ops
+from fastmerge import ops
+from fastmerge.algo import ties as sign_consensus
 from fastmerge.config import ConfigError
 from fastmerge.io import Checkpoint, CheckpointError
 
@@ -45,9 +46,9 @@ def _expected(method, b, xs, t_layer):
     if method == "linear":
         return (b + sum(xs)) / (1 + len(xs))
     if method == "ties":
-        return consensus.ties(b, xs, 0.4, weights=[0.5 + t_layer] * len(xs), compat="mergekit")
+        return sign_consensus.ties(b, xs, 0.4, weights=[0.5 + t_layer] * len(xs), compat="mergekit")
     if method == "breadcrumbs":
-        kept = [consensus.breadcrumbs(di, 0.5, 0.1, per_row=False) for di in d]
+        kept = [sign_consensus.breadcrumbs(di, 0.5, 0.1, per_row=False) for di in d]
         return b + sum(kept)
     raise AssertionError(method)
 
@@ -138,7 +139,7 @@ def test_global_trim_equals_in_memory_ties_global(fam, tmp_path):
     assert s.passes == 4  # magnitudes, refine (fp32), signs, merge
     got = load_dir(tmp_path / "o")
     sds = [load_dir(p) for p in fam]
-    want = consensus.ties_global(sds[0], sds[1:], 0.2, lam=0.7, compat="official")
+    want = sign_consensus.ties_global(sds[0], sds[1:], 0.2, lam=0.7, compat="official")
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
 
@@ -227,21 +228,22 @@ def test_malloc_policy_keeps_freed_memory_for_cpu_stack_methods_only(fam, tmp_pa
     """Stack methods on the CPU keep freed blocks in glibc's heap for the merge (their temporaries would
     otherwise come back as fresh zeroed pages); streaming methods return them (bounded RSS, as above)."""
     from fastmerge import engine
+    from fastmerge.execute import executor
 
     seen = []
 
-    class Spy(engine._MallocPolicy):
+    class Spy(executor.MallocPolicy):
         def __enter__(self):
             seen.append(self.keep)
             return super().__enter__()
 
-    monkeypatch.setattr(engine, "_MallocPolicy", Spy)
+    monkeypatch.setattr(engine, "MallocPolicy", Spy)
     fastmerge.merge(cfg("ties", fam, {"weight": 0.5, "density": 0.5}), str(tmp_path / "a"), quiet=True,
                     device="cpu")
     fastmerge.merge(cfg("tsv_m", fam), str(tmp_path / "b"), quiet=True, device="cpu")
-    glibc = engine._glibc() is not None
+    glibc = executor._glibc() is not None
     assert seen == [False, glibc]
-    with engine._MallocPolicy(keep_freed=True) as p:  # and back: usable again after a merge
+    with executor.MallocPolicy(keep_freed=True) as p:  # and back: usable again after a merge
         assert p.keep == glibc
         x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
         del x
@@ -393,7 +395,7 @@ def test_cuda_merge_equals_cpu(fam, tmp_path, method):
 
 
 def test_bf16_cut_matches_bf16_rounding():
-    from fastmerge.methods import _bf16_cut
+    from fastmerge.methods.task_arithmetic import _bf16_cut
 
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(200_000, generator=g) * 2.0 ** torch.randint(-20, 5, (200_000,), generator=g)).float()
@@ -404,7 +406,7 @@ def test_bf16_cut_matches_bf16_rounding():
 
 
 def test_pool_reuses_buffers_and_bounds_idle_bytes():
-    from fastmerge.engine import _Pool
+    from fastmerge.execute.executor import _Pool
 
     pool = _Pool(cap=3 << 20, pin=False)
     a = pool.tensor((256, 1024), torch.float32)            # 1 MiB, lent

@@ -16,7 +16,7 @@ from fastmerge.backends import NoBackendError, select
 
 def test_import_is_lean():
     code = (
-        "import sys, torch, fastmerge, fastmerge.ops, fastmerge.consensus\n"
+        "import sys, torch, fastmerge, fastmerge.ops, fastmerge.algo.ties\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
         "assert 'fastmerge._C' not in sys.modules, 'extension loaded at import'\n"

@@ -8,8 +8,9 @@ import pytest
 import torch
 from _backends import NATIVE, backend_device, dtypes_for
 
-from fastmerge import ops, subspace
+from fastmerge import ops
 from fastmerge import reference as ref
+from fastmerge.algo import subspace
 from fastmerge.backends import get_backend
 
 

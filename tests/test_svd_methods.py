@@ -12,10 +12,11 @@ from peers import official_is_matrix, official_iso_c, official_iso_cts, official
 from safetensors.torch import load_file
 
 import fastmerge
-from fastmerge import svd_methods
 from fastmerge.config import ConfigError
 from fastmerge.config import load as load_config
-from fastmerge.engine import Engine, Group
+from fastmerge.engine import Engine
+from fastmerge.methods import subspace as svd_methods
+from fastmerge.plan import Group
 
 OFFICIAL = {"tsv_m": official_tsv_m, "iso_c": official_iso_c, "iso_cts": official_iso_cts}
 # three experts, and two (TSV-M's fast path has a closed form at T = 2)
@@ -201,7 +202,8 @@ def test_config_errors(fam, tmp_path, extra, gp, match):
 
 
 def test_svd_options_rejected_for_other_methods(fam, tmp_path):
-    with pytest.raises(ConfigError, match="applies to the subspace methods"):
+    with pytest.raises(ConfigError, match="fastmerge.svd: applies to tsv_m, iso_c, iso_cts, tsv_c, doge_ta, "
+                       "doge_am, not ties"):
         fastmerge.merge(_cfg("ties", fam, {"svd": "exact"}), str(tmp_path / "o"), quiet=True)
 
 

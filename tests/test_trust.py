@@ -281,10 +281,10 @@ def test_output_honours_umask_and_refuses_a_dangling_symlink(fam, tmp_path):
 
 
 def test_failed_run_removes_the_parents_it_created(fam, tmp_path, monkeypatch):
-    from fastmerge import engine
+    from fastmerge.execute import sinks
 
     out = tmp_path / "a" / "b" / "out"
-    monkeypatch.setattr(engine.Engine, "_copy_side_files", lambda self, d: 1 / 0)  # fails after the merge
+    monkeypatch.setattr(sinks, "copy_side_files", lambda run, d: 1 / 0)  # fails after the merge
     with pytest.raises(ZeroDivisionError):
         fastmerge.merge(cfg("task_arithmetic", fam, {"weight": 1}), str(out), quiet=True)
     assert not (tmp_path / "a").exists()

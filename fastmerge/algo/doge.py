@@ -32,44 +32,8 @@ from typing import Any
 
 import torch
 
-from . import ops, subspace
-from .config import ConfigError, layer_index
-from .svd_methods import svd_mode, task_stack
-
-DEFAULTS = {"eta": 0.07, "density": 0.30, "subspace": 6, "lr": 1e-4, "steps": 400, "beta1": 0.9, "beta2": 0.999,
-            "eps": 1e-8}
-SELECT = ("auto", "official", "blocks")
-
-
-def official_layer(name: str) -> bool:
-    """FusionBench's DOGE layer rule (CLIP/T5-style names): 'encoder' and 'weight' in the name, no 'layer_norm'."""
-    return "encoder" in name and "weight" in name and "layer_norm" not in name
-
-
-def block_layer(name: str) -> bool:
-    """fastmerge's rule for LLM checkpoints: the weights of numbered transformer blocks (model.layers.N.*)."""
-    return name.endswith("weight") and layer_index(name) is not None and "norm" not in name
-
-
-def resolve_rule(rule: str, names: list[tuple[str, tuple[int, ...]]]) -> str:
-    """``auto``: the official rule when any 2-D tensor name matches it, else the transformer-block rule."""
-    if rule != "auto":
-        return rule
-    return "official" if any(len(s) == 2 and official_layer(n) for n, s in names) else "blocks"
-
-
-def selected(name: str, shape: tuple[int, ...], rule: str) -> bool:
-    if len(shape) != 2 or min(shape) == 0:
-        return False
-    return official_layer(name) if rule == "official" else block_layer(name)
-
-
-def options(opts: dict[str, Any]) -> dict[str, Any]:
-    rule = opts.get("doge_layers", "auto")
-    if rule not in SELECT:
-        raise ConfigError(f"fastmerge.doge_layers: expected one of {', '.join(SELECT)}, got {rule!r}")
-    return {"rule": rule, "mode": svd_mode(opts)}
-
+from .. import ops
+from . import subspace
 
 # ---------------------------------------------------------------------------------------------------------
 # the maths on stacks of same-shape layers: taus (G, T, m, n) fp32
@@ -152,46 +116,3 @@ def doge_am_vectors(taus: torch.Tensor, lo: list[float], p: dict[str, Any], mode
     """(tau_i + Delta_i) * M_i for a stack of selected layers: (G, T, m, n) fp32."""
     _, delta = prepare_layers(taus, p, True, mode)
     return masked(taus, delta, lo)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the engine's side: the streaming statistics pass, and the per-stack merge
-
-
-def stats(engine) -> None:
-    """Pass 1 (and 2 for non-bf16 inputs): each task's global top-K magnitude threshold over the selected layers
-    (keep |tau_i| >= threshold, the official k-th-value rule), into engine.stats["doge_lo"]."""
-    cfg = engine.cfg
-    o = options(cfg.options)
-    jobs = [j for j in engine.jobs if j.floating]
-    rule = resolve_rule(o["rule"], [(j.name, j.shape) for j in jobs])
-    sel = [j for j in jobs if selected(j.name, j.shape, rule)]
-    engine.stats["doge_rule"] = rule
-    engine.stats["doge_layers"] = len(sel)
-    if not sel:
-        raise ConfigError(f"{cfg.method}: no tensor matches the layer rule {rule!r} (fastmerge.doge_layers); "
-                          f"e.g. {jobs[0].name if jobs else 'no floating tensors'}")
-    density = float(sel[0].shared["density"])
-    engine.stats["doge_lo"] = engine.magnitude_thresholds(sel, [density] * len(cfg.experts), "official")
-
-
-def _params(call) -> dict[str, Any]:
-    return {k: call.shared[k] for k in DEFAULTS}
-
-
-def merge_stack(calls) -> list[torch.Tensor]:
-    """doge_ta on a stack of same-shape tensor calls (TensorCall)."""
-    c0 = calls[0]
-    if not selected(c0.name, tuple(c0.base.shape), c0.stats["doge_rule"]):
-        return [c.base.to(c.out_dtype) for c in calls]
-    upd = doge_ta_update(task_stack(calls), c0.stats["doge_lo"], _params(c0), options(c0.options)["mode"])
-    return [(c.base.float() + u).to(c.out_dtype) for c, u in zip(calls, upd, strict=True)]
-
-
-def am_stack(calls) -> list[torch.Tensor]:
-    """doge_am's task vectors of a stack of calls: (T, *shape) fp32 each; unselected tensors keep tau_i."""
-    c0 = calls[0]
-    taus = task_stack(calls)
-    if not selected(c0.name, tuple(c0.base.shape), c0.stats["doge_rule"]):
-        return list(taus)
-    return list(doge_am_vectors(taus, c0.stats["doge_lo"], _params(c0), options(c0.options)["mode"]))

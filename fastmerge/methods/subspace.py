@@ -33,8 +33,12 @@ from typing import Any
 
 import torch
 
-from . import subspace
-from .config import ConfigError
+from ..algo import subspace
+from ..config import ConfigError
+from ..execute import sinks
+from ..io import ShardedWriter
+from .base import NONBASE, SHARED, Method, Param
+from .registry import register
 
 DEFAULT_EXCLUDE = ("text_projection",)
 
@@ -47,10 +51,10 @@ def svd_mode(opts: dict[str, Any]) -> str:
     return mode
 
 
-def options(opts: dict[str, Any], method: str = "tsv_m") -> dict[str, Any]:
-    """The subspace settings of a config's ``fastmerge:`` section, checked, with defaults (TSV-C excludes no
-    key by default: the official code compresses every 2-D tensor)."""
-    exclude = tuple(opts.get("exclude_keys", () if method == "tsv_c" else DEFAULT_EXCLUDE))
+def options(opts: dict[str, Any], exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> dict[str, Any]:
+    """The subspace settings of a config's ``fastmerge:`` section, checked, with defaults (``exclude``: the
+    method's default ``exclude_keys``)."""
+    exclude = tuple(opts.get("exclude_keys", exclude))
     out = {"mode": svd_mode(opts), "exclude": exclude}
     if not all(isinstance(s, str) for s in out["exclude"]) or isinstance(opts.get("exclude_keys"), str):
         raise ConfigError(f"fastmerge.exclude_keys: expected a list of substrings, got {opts.get('exclude_keys')!r}")
@@ -294,8 +298,8 @@ def iso_cts(calls, o: dict[str, Any]) -> list[torch.Tensor]:
 
 def tsv_c_factors(calls, o: dict[str, Any]):
     """Per call: (U (T, m, k), S (T, k), Vh (T, k, n)) fp32 for matrices, or the raw task vectors (T, *shape).
-    The official TSV-C compresses every 2-D tensor (its text_projection exclusion is commented out), so
-    ``options(..., "tsv_c")`` excludes nothing unless ``exclude_keys`` says so."""
+    The official TSV-C compresses every 2-D tensor (its text_projection exclusion is commented out), so its
+    options exclude nothing unless ``exclude_keys`` says so (``TSV_C_EXCLUDE``)."""
     taus = task_stack(calls)
     G, T = taus.shape[:2]
     shape = tuple(calls[0].base.shape)
@@ -314,10 +318,74 @@ def tsv_c_rank(r: int, tasks: int) -> int:
     return r // tasks
 
 
-FNS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts}
+TSV_C_EXCLUDE: tuple[str, ...] = ()
+OPTIONS = frozenset({"svd", "svd_oversample", "svd_power_iters", "exclude_keys"})
 
 
-def check_config(cfg) -> None:
-    options(cfg.options, cfg.method)
-    if len(cfg.experts) < 1:
-        raise ConfigError(f"merge_method {cfg.method} needs at least one model besides the base")
+def _check(exclude: tuple[str, ...]):
+    def check(cfg) -> None:
+        options(cfg.options, exclude)
+
+    return check
+
+
+def _method(name: str, fn, doc: str, extra: tuple[Param, ...] = ()) -> Method:
+    def batch(calls):
+        return fn(calls, options(calls[0].options))
+
+    return Method(name, (Param("alpha", SHARED, float, 1.0), Param("weight", NONBASE, float, 1.0), *extra),
+                  lambda c: batch([c])[0], min_inputs=2, doc=doc, batch=batch, options=OPTIONS,
+                  check=_check(DEFAULT_EXCLUDE))
+
+
+def _tsv_c_batch(calls):
+    return tsv_c_factors(calls, options(calls[0].options, TSV_C_EXCLUDE))
+
+
+def _tsv_c_sink(run, od) -> dict:
+    """TSV-C's store: stream stacks of same-shape tensors, compress each task vector to its top int(r/T)
+    triplets (layout: fastmerge.store)."""
+    cfg, jobs = run.cfg, run.jobs
+    names = sinks.task_names(cfg)
+    T = len(names)
+    o = options(cfg.options, TSV_C_EXCLUDE)
+    fac_layout, ranks = [], {}
+    for j in jobs:
+        if not j.floating:
+            continue
+        if is_matrix(j.name, j.shape, o):
+            m, n = j.shape
+            k = ranks[j.name] = tsv_c_rank(min(m, n), T)
+            fac_layout += [(j.name + ".U", j.out_dtype, (T, m, k)), (j.name + ".S", torch.float32, (T, k)),
+                           (j.name + ".Vh", j.out_dtype, (T, k, n))]
+        else:
+            fac_layout.append((j.name + ".tau", j.out_dtype, (T, *j.shape)))
+    wb = ShardedWriter(od.sub("base"), sinks.base_layout(run), run.out_shard_bytes)
+    wf = ShardedWriter(od.sub("factors"), fac_layout, run.out_shard_bytes)
+
+    def factors(fl):
+        items = []
+        for (j, _), parts in zip(fl, tsv_c_factors([run.tensor_call(j, ts) for j, ts in fl], o),
+                                 strict=True):
+            if len(parts) == 1:
+                items.append((wf, j.name + ".tau", parts[0].to(j.out_dtype)))
+            else:
+                u, s, vh = parts
+                items += [(wf, j.name + ".U", u.to(j.out_dtype)), (wf, j.name + ".S", s.float()),
+                          (wf, j.name + ".Vh", vh.to(j.out_dtype))]
+        return items
+
+    sinks.stream_stacks(run, [wb, wf], factors)
+    return sinks.finish_store(run, od, names, [1.0] * T, wb.bytes_written + wf.bytes_written,
+                        ranks_per_task=sorted(set(ranks.values())))
+
+
+register(
+    _method("tsv_m", tsv_m, "Task Singular Vectors merge: top r/T triplets per task, orthogonalised, original values"),
+    _method("iso_c", iso_c, "Iso-C: mean singular value x polar factor of the summed task vectors"),
+    _method("iso_cts", iso_cts, "Iso-CTS: common + task-specific subspaces, orthogonalised, flattened spectrum",
+            (Param("common_fraction", SHARED, float, 0.8, 0.0, 1.0, lo_open=True),)),
+    Method("tsv_c", (Param("weight", NONBASE, float, 1.0),), None, sink=_tsv_c_sink, min_inputs=2,
+           batch=_tsv_c_batch, options=OPTIONS, check=_check(TSV_C_EXCLUDE),
+           doc="TSV-C: a multi-task store of each task's top r/T singular triplets per matrix"),
+)

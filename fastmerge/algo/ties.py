@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from . import ops
+from .. import ops
 
 COMPAT = ("official", "fusionbench", "mergekit", "peft")
 
@@ -51,7 +51,7 @@ def keep_rank(n: int, density: float, compat: str) -> int | None:
     return max(1, k) if compat == "mergekit" else k
 
 
-def _delta(x: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+def delta(x: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Task vector x - base, computed in fp32 and rounded once into ``out``'s dtype (fp32 when out is None).
 
     ``out``: a buffer of x's shape to reuse (saves the page faults of a fresh allocation per task). When all
@@ -174,7 +174,7 @@ def ties(
     if len(dens) != len(experts):
         raise ValueError(f"density has {len(dens)} values for {len(experts)} experts")
     buf = ops.empty(experts[0].shape, torch.float32, experts[0].device)
-    lo = [magnitude_threshold_for(_delta(e, base, buf), d, compat) for e, d in zip(experts, dens, strict=True)]
+    lo = [magnitude_threshold_for(delta(e, base, buf), d, compat) for e, d in zip(experts, dens, strict=True)]
     el, mg, weighted = _preset(compat, merge, elect, normalize)
     params = ops.ties_params(len(experts), weights=weights, lo=lo)
     if zero_sign is None:
@@ -221,10 +221,10 @@ def ties_global(
             continue
         sel = ops.MagnitudeThreshold(base[keys[0]].device)
         for name in keys:
-            sel.add(_delta(sd[name], base[name]), f"experts[{i}][{name!r}]")
+            sel.add(delta(sd[name], base[name]), f"experts[{i}][{name!r}]")
         if sel.select(k):
             for name in keys:
-                sel.add(_delta(sd[name], base[name]))
+                sel.add(delta(sd[name], base[name]))
         lo.append(sel.threshold())
     el, mg, _ = _preset(compat, merge, None, True)
     params = ops.ties_params(len(experts), lo=lo)

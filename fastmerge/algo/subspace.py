@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import context
+from .. import context, env, ops
 
 MODES = ("exact", "fast", "randomized")
 
@@ -52,9 +52,7 @@ _pool_lock = threading.Lock()
 
 def workers() -> int:
     """CPU worker threads for batched LAPACK: FASTMERGE_THREADS, else the cores this process may use."""
-    from .env import threads
-
-    n = threads()
+    n = env.threads()
     if n is not None:
         return n
     try:
@@ -601,8 +599,6 @@ def polar(x: torch.Tensor, *, mode: str = "fast", nuclear: bool = False, checked
 def project_out(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """X - U (U^T X) for each matrix of a stack, U with orthonormal columns (..., m, k): the part of X outside
     span(U). On the fused ``orth_project`` op (one pass over X per column block on GPU)."""
-    from . import ops
-
     return ops.orth_project(x, u)
 
 

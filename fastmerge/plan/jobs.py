@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .io import TensorInfo, _itemsize
+from ..io import TensorInfo, _itemsize
 
 
 @dataclass(frozen=True)

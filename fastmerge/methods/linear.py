@@ -1,0 +1,55 @@
+"""linear, slerp and passthrough: mergekit 0.1.5's maths (fp32, rounded once), on the weighted-sum kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from .base import INPUT, REQUIRED, SHARED, Method, Param, TensorCall
+from .registry import register
+
+
+def _linear(c: TensorCall) -> torch.Tensor:
+    w = [p["weight"] for p in c.per_input]
+    merge = "wmean" if c.shared["normalize"] else "sum"
+    return ops.ties_merge(None, c.inputs, ops.ties_params(len(w), weights=w), elect="none", merge=merge,
+                          out_dtype=c.out_dtype)[0]
+
+
+def _passthrough(c: TensorCall) -> torch.Tensor:
+    s = c.per_input[0].get("scale")
+    x = c.inputs[0]
+    return (x if s is None else x.float() * s).to(c.out_dtype)
+
+
+def _slerp(c: TensorCall) -> torch.Tensor:
+    """mergekit's slerp of the whole flattened tensor: base at t=0, the other model at t=1 (fp32 maths)."""
+    t = float(c.shared["t"])
+    v0, v1 = c.base, c.experts[0]
+    a, b = v0.reshape(-1).float(), v1.reshape(-1).float()
+    if a.numel() == 0:
+        return v0.to(c.out_dtype)
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na = na if na > 1e-8 else torch.ones_like(na)
+    nb = nb if nb > 1e-8 else torch.ones_like(nb)
+    dot = float(torch.dot(a / na, b / nb).clamp(-1, 1))
+    if abs(dot) > 0.9995:
+        ca, cb = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        st = math.sin(theta)
+        ca, cb = math.sin((1 - t) * theta) / st, math.sin(t * theta) / st
+    w = ops.ties_params(2, weights=[ca, cb])
+    return ops.ties_merge(None, [v0, v1], w, elect="none", merge="sum", out_dtype=c.out_dtype)[0]
+
+
+register(
+    Method("linear", (Param("weight", INPUT, float), Param("normalize", SHARED, bool, True)), _linear,
+           base="optional", doc="weighted average of the models"),
+    Method("slerp", (Param("t", SHARED, float, REQUIRED, 0.0, 1.0),), _slerp, min_inputs=2, max_inputs=2,
+           doc="spherical interpolation between the base (t=0) and one other model (t=1)"),
+    Method("passthrough", (Param("scale", INPUT, float, None),), _passthrough, base="optional", max_inputs=1,
+           doc="copy one model (optionally scaled)"),
+)
