@@ -95,8 +95,10 @@ def merge(method: str, models: list[str], work: str) -> dict[str, str]:
                        env=env)
     if p.returncode:
         raise SystemExit(f"{method}: fastmerge merge failed:\n{p.stderr[-2000:]}")
-    return {os.path.relpath(os.path.join(d, n), out): _digest(os.path.join(d, n))
-            for d, _, names in os.walk(out) for n in sorted(names)}
+    digests = {os.path.relpath(os.path.join(d, n), out): _digest(os.path.join(d, n))
+               for d, _, names in os.walk(out) for n in sorted(names)}
+    shutil.rmtree(out)  # a large family's outputs would otherwise pile up (GBs per method)
+    return digests
 
 
 def main() -> int:

@@ -33,8 +33,8 @@ from safetensors import safe_open
 HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
 MERGEKIT_YAML = next((p for p in (os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
                                   shutil.which("mergekit-yaml")) if p and os.path.exists(p)), None)
-RUNNER = os.path.join(os.path.dirname(__file__), "_mergekit_runner.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNNER = os.path.join(ROOT, "tests", "_mergekit_runner.py")
 
 pytestmark = pytest.mark.skipif(not HAVE_MERGEKIT, reason="mergekit is not installed (pip install mergekit)")
 
