@@ -7,6 +7,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -134,3 +135,22 @@ def cfg(method, fam, mp=None, gp=None, extra=None, base=True, n=None, **top):
 
 def leftovers(parent):
     return [p for p in os.listdir(parent) if p.startswith(".")]
+
+
+def load_dir(d: str) -> dict[str, torch.Tensor]:
+    """All tensors of an HF output dir; checks the shard index (if any) against the shards' contents."""
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    assert files, f"no .safetensors in {d}: {os.listdir(d)}"
+    out: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for fname in files:
+        with safe_open(os.path.join(d, fname), "pt") as s:
+            for k in s.keys():  # safe_open is not a Mapping
+                assert k not in out, f"{k} in both {where[k]} and {fname}"
+                out[k], where[k] = s.get_tensor(k), fname
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if len(files) > 1 or os.path.exists(idx):
+        with open(idx) as f:
+            wm = json.load(f)["weight_map"]
+        assert wm == where, f"{d}: index.json weight_map disagrees with the shards"
+    return out

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _models import cfg, leftovers, make_llama_family, save_hf
+from _models import cfg, leftovers, load_dir, make_llama_family, save_hf
 from safetensors.torch import load_file
 
 import fastmerge
@@ -24,14 +24,6 @@ from fastmerge.io import Checkpoint, CheckpointError
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("fam")
     return make_llama_family(str(root), hidden=64, layers=3, vocab=200, experts=3, dtype=torch.float32, seed=1)
-
-
-def load_dir(path):
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,8 +27,7 @@ import sys
 import pytest
 import torch
 import yaml
-from _models import make_llama_family
-from safetensors import safe_open
+from _models import load_dir, make_llama_family
 
 HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
 MERGEKIT_YAML = next((p for p in (os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
@@ -317,25 +316,6 @@ def env(tmp_path_factory):
 
 
 # ---- comparison helpers -------------------------------------------------------------------------------------
-def load_dir(d: str) -> dict[str, torch.Tensor]:
-    """All tensors of an HF output dir; checks the shard index (if any) against the shards' contents."""
-    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
-    assert files, f"no .safetensors in {d}: {os.listdir(d)}"
-    out: dict[str, torch.Tensor] = {}
-    where: dict[str, str] = {}
-    for fname in files:
-        with safe_open(os.path.join(d, fname), "pt") as s:
-            for k in s.keys():  # safe_open is not a Mapping
-                assert k not in out, f"{k} in both {where[k]} and {fname}"
-                out[k], where[k] = s.get_tensor(k), fname
-    idx = os.path.join(d, "model.safetensors.index.json")
-    if len(files) > 1 or os.path.exists(idx):
-        with open(idx) as f:
-            wm = json.load(f)["weight_map"]
-        assert wm == where, f"{d}: index.json weight_map disagrees with the shards"
-    return out
-
-
 RANKED = {"ties": "top", "breadcrumbs": "band", "breadcrumbs_ties": "band"}
 
 

@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from _models import llama_config, save_hf, shared_task_vectors
+from _models import llama_config, load_dir, save_hf, shared_task_vectors
 from peers import official_is_matrix, official_iso_c, official_iso_cts, official_mean, official_tsv_c, official_tsv_m
-from safetensors.torch import load_file
 
 import fastmerge
 from fastmerge.config import ConfigError
@@ -70,20 +69,12 @@ def _cfg(method, fam, extra=None, gp=None, mp=None):
     return c
 
 
-def _load(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
-
-
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def _official(method, fam, alpha=1.0, exclude=("text_projection",)):
-    sds = [_load(p) for p in fam]
+    sds = [load_dir(p) for p in fam]
     out = {}
     for k, b in sds[0].items():
         taus = [sd[k].float() - b.float() for sd in sds[1:]]
@@ -99,10 +90,10 @@ def _official(method, fam, alpha=1.0, exclude=("text_projection",)):
 def test_exact_mode_equals_official(request, family, tmp_path, method):
     fam = request.getfixturevalue(family)
     s = fastmerge.merge(_cfg(method, fam, {"svd": "exact"}, {"alpha": 0.7}), str(tmp_path / "o"), quiet=True)
-    got, want = _load(str(tmp_path / "o")), _official(method, fam, 0.7)
+    got, want = load_dir(str(tmp_path / "o")), _official(method, fam, 0.7)
     assert set(got) == set(want) and s.tensors == len(want)
     for k in want:
-        base = _load(fam[0])[k].float()
+        base = load_dir(fam[0])[k].float()
         assert _rel(got[k] - base, want[k] - base) <= 1e-5, k  # the merged update, relative
 
 
@@ -111,7 +102,7 @@ def test_fast_mode_close_to_exact(request, family, tmp_path, method):
     fam = request.getfixturevalue(family)
     fastmerge.merge(_cfg(method, fam, {"svd": "exact"}), str(tmp_path / "exact"), quiet=True)
     fastmerge.merge(_cfg(method, fam), str(tmp_path / "fast"), quiet=True)
-    ex, fa, base = _load(str(tmp_path / "exact")), _load(str(tmp_path / "fast")), _load(fam[0])
+    ex, fa, base = load_dir(str(tmp_path / "exact")), load_dir(str(tmp_path / "fast")), load_dir(fam[0])
     worst = max(_rel(fa[k] - base[k], ex[k] - base[k]) for k in ex)
     assert worst <= 1e-3, worst
     weights = max(_rel(fa[k], ex[k]) for k in ex)
@@ -122,7 +113,7 @@ def test_randomized_mode_runs_and_is_reproducible(fam, tmp_path):
     c = _cfg("tsv_m", fam, {"svd": "randomized", "svd_power_iters": 3, "svd_oversample": 4})
     fastmerge.merge(c, str(tmp_path / "a"), quiet=True)
     fastmerge.merge(c, str(tmp_path / "b"), quiet=True)
-    a, b = _load(str(tmp_path / "a")), _load(str(tmp_path / "b"))
+    a, b = load_dir(str(tmp_path / "a")), load_dir(str(tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -131,8 +122,8 @@ def test_exclude_keys_and_weights(fam, tmp_path):
     vector before the SVDs (FusionBench's list of alphas)."""
     out = str(tmp_path / "o")
     fastmerge.merge(_cfg("tsv_m", fam, {"svd": "exact", "exclude_keys": []}, mp={"weight": 0.5}), out, quiet=True)
-    got = _load(out)
-    sds = [_load(p) for p in fam]
+    got = load_dir(out)
+    sds = [load_dir(p) for p in fam]
     b = sds[0]["text_projection"].float()
     taus = [0.5 * (sd["text_projection"].float() - b) for sd in sds[1:]]
     assert _rel(got["text_projection"] - b, official_tsv_m(taus)) <= 1e-5
@@ -164,7 +155,7 @@ def test_bf16_models(tmp_path):
     fam = _task_family(str(tmp_path / "f"), T=2, dtype=torch.bfloat16, seed=3)
     fastmerge.merge(_cfg("iso_cts", fam, {"svd": "exact"}), str(tmp_path / "e"), quiet=True)
     fastmerge.merge(_cfg("iso_cts", fam), str(tmp_path / "f2"), quiet=True)
-    ex, fa = _load(str(tmp_path / "e")), _load(str(tmp_path / "f2"))
+    ex, fa = load_dir(str(tmp_path / "e")), load_dir(str(tmp_path / "f2"))
     assert all(t.dtype == torch.bfloat16 for t in fa.values())
     assert max(_rel(fa[k], ex[k]) for k in ex) <= 1e-2  # one bf16 rounding apart at most
 
@@ -174,13 +165,13 @@ def test_tsv_c_store_and_reconstruct(fam, tmp_path):
     s = fastmerge.merge(_cfg("tsv_c", fam, {"svd": "exact", "tasks": ["a", "b", "c"]}), store, quiet=True)
     assert s.extra["tasks"] == ["a", "b", "c"] and 0 < s.extra["size_ratio"] < 1
     assert {"base", "factors", "store.json"} <= set(os.listdir(store))
-    sds = [_load(p) for p in fam]
+    sds = [load_dir(p) for p in fam]
     from fastmerge.store import reconstruct
 
     for t, name in enumerate(["a", "b", "c"]):
         out = str(tmp_path / f"task-{name}")
         reconstruct(store, name, out)
-        got = _load(out)
+        got = load_dir(out)
         for k, b in sds[0].items():
             tau = sds[t + 1][k].float() - b.float()
             want = b.float() + (official_tsv_c(tau, 3) if b.dim() == 2 else tau)
@@ -212,8 +203,8 @@ def test_svd_options_rejected_for_other_methods(fam, tmp_path):
 def test_cuda_engine_matches_cpu(fam, tmp_path, method):
     fastmerge.merge(_cfg(method, fam), str(tmp_path / "cpu"), device="cpu", quiet=True)
     fastmerge.merge(_cfg(method, fam), str(tmp_path / "gpu"), device="cuda", quiet=True)
-    a, b = _load(str(tmp_path / "cpu")), _load(str(tmp_path / "gpu"))
-    base = _load(fam[0])
+    a, b = load_dir(str(tmp_path / "cpu")), load_dir(str(tmp_path / "gpu"))
+    base = load_dir(fam[0])
     assert max(_rel(b[k] - base[k], a[k] - base[k]) for k in a) <= 1e-3
 
 
@@ -325,7 +316,7 @@ def test_merge_summary_reports_fallbacks(fam, tmp_path, method):
     """An expert identical to the base (a zero task vector on every tensor) makes every matrix degenerate:
     the summary says how many of the matrices fast mode computed exactly, and the weights equal exact mode's
     on fp64 task vectors to 1e-4."""
-    same = save_hf(str(tmp_path / "same"), _load(fam[0]), llama_config(48, 2, 400, 80, "float32"))
+    same = save_hf(str(tmp_path / "same"), load_dir(fam[0]), llama_config(48, 2, 400, 80, "float32"))
     models = [fam[1], same]
     c = {"merge_method": method, "base_model": fam[0], "models": [{"model": m} for m in models]}
     s = fastmerge.merge(c, str(tmp_path / "o"), quiet=True)
@@ -333,8 +324,8 @@ def test_merge_summary_reports_fallbacks(fam, tmp_path, method):
     assert matrices == 2 * 7 + 2  # 7 per layer, the embedding and the head (text_projection is excluded)
     assert s.extra["svd_exact_fallback"] == matrices
     assert f"{matrices} of {matrices} matrices fell back to the exact fp64 path" in str(s)
-    got, base = _load(str(tmp_path / "o")), _load(fam[0])
-    taus = {k: torch.stack([_load(m)[k].double() - base[k].double() for m in models]) for k in got}
+    got, base = load_dir(str(tmp_path / "o")), load_dir(fam[0])
+    taus = {k: torch.stack([load_dir(m)[k].double() - base[k].double() for m in models]) for k in got}
     fn = DELTAS[method]
     for k, t in taus.items():
         if t.dim() == 3 and k != "text_projection":
