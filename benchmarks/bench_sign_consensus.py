@@ -25,9 +25,19 @@ def _model(shape, dtype, device, T=3):
     return base.to(device), [e.to(device) for e in ex]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("provider", ["cpp", "cuda", "triton", "reference", "mergekit", "peft"])
+def _grid(*providers):
+    """Every (provider, shape, dtype) case of one benchmark."""
+    axes = (("provider", providers, None), ("shape", SHAPES, shape_id), ("dtype", DTYPES, DT.get))
+
+    def wrap(fn):
+        for name, values, ids in axes:
+            fn = pytest.mark.parametrize(name, values, ids=ids)(fn)
+        return fn
+
+    return wrap
+
+
+@_grid("cpp", "cuda", "triton", "reference", "mergekit", "peft")
 def test_ties(benchmark, forced, provider, shape, dtype):
     """Per-tensor TIES of base + 3 experts at density 0.5, mergekit semantics (PEFT: its own)."""
     dev = provider_device(provider)
@@ -45,9 +55,7 @@ def test_ties(benchmark, forced, provider, shape, dtype):
     record(benchmark, bytes_moved=5 * n * base.element_size(), elements=n, op="ties", T=3, provider=provider)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("provider", ["cpp", "cuda", "triton", "reference", "mergekit"])
+@_grid("cpp", "cuda", "triton", "reference", "mergekit")
 def test_dare(benchmark, forced, provider, shape, dtype):
     """DARE drop p=0.5 with 1/(1-p) rescale of one task vector (mergekit-style: bernoulli mask)."""
     dev = provider_device(provider)
@@ -62,9 +70,7 @@ def test_dare(benchmark, forced, provider, shape, dtype):
     record(benchmark, bytes_moved=2 * n * x.element_size(), elements=n, op="dare", provider=provider)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("provider", ["cpp", "cuda", "triton", "reference", "mergekit", "peft"])
+@_grid("cpp", "cuda", "triton", "reference", "mergekit", "peft")
 def test_threshold(benchmark, forced, provider, shape, dtype):
     """Exact top-50% magnitude threshold of one tensor: histogram select vs argsort (mergekit) / topk (PEFT)."""
     dev = provider_device(provider)
