@@ -88,11 +88,11 @@ class Engine:
         self.quiet = quiet
         self.out_shard_bytes = parse_size(out_shard_size)
         self.user_budget = None if memory_budget is None else parse_size(memory_budget)
-        self.run_: Executor | None = None
+        self.executor: Executor | None = None
 
     @property
     def jobs(self) -> list[Job]:
-        return self.run_.jobs if self.run_ is not None else []
+        return self.executor.jobs if self.executor is not None else []
 
     def plan(self) -> list[Job]:
         t0 = time.perf_counter()
@@ -105,13 +105,13 @@ class Engine:
             for ck in ckpts:
                 ck.close()
             raise
-        self.run_ = Executor(self.cfg, self.method, ckpts, jobs, device=self.device, seed=self.seed,
+        self.executor = Executor(self.cfg, self.method, ckpts, jobs, device=self.device, seed=self.seed,
                              user_budget=self.user_budget, out_shard_bytes=self.out_shard_bytes, quiet=self.quiet)
-        self.run_.stages["plan"] += time.perf_counter() - t0
+        self.executor.stages["plan"] += time.perf_counter() - t0
         return jobs
 
     def units(self) -> list[Job | Group]:
-        return self.run_.units()
+        return self.executor.units()
 
     def run(self, out_dir: str) -> MergeSummary:
         t_start = time.perf_counter()
@@ -123,9 +123,9 @@ class Engine:
 
     def _run(self, out_dir: str, t_start: float) -> MergeSummary:
         try:
-            if self.run_ is None:
+            if self.executor is None:
                 self.plan()
-            run = self.run_
+            run = self.executor
             with OutputDir(out_dir) as od:
                 global_trim(run)
                 if self.method.prepare is not None:
@@ -139,7 +139,7 @@ class Engine:
                 check_mapped()
                 od.commit()
         finally:
-            for ck in self.run_.ckpts if self.run_ is not None else ():
+            for ck in self.executor.ckpts if self.executor is not None else ():
                 ck.close()
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return MergeSummary(os.path.abspath(out_dir), self.cfg.method, len(run.jobs), time.perf_counter() - t_start,
