@@ -9,7 +9,7 @@ import importlib
 # Attributes load on first use (PEP 562), so that `fastmerge.cli` starts without importing torch: the command
 # line installs its signal handling first (fastmerge.signals), and a Ctrl-C during torch's import is not lost.
 _LAZY = {
-    "consensus": ".consensus", "ops": ".ops", "reference": ".reference",
+    "consensus": ".consensus", "ops": ".ops",
     "NoBackendError": ".backends",
     "breadcrumbs": ".consensus", "dare": ".consensus", "della": ".consensus", "magnitude_prune": ".consensus",
     "ties": ".consensus", "ties_global": ".consensus",
@@ -59,7 +59,6 @@ __all__ = [
     "name_key",
     "ops",
     "reconstruct",
-    "reference",
     "ties",
     "ties_global",
     "tsv_m_delta",
