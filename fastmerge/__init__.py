@@ -9,7 +9,7 @@ import importlib
 # Attributes load on first use (PEP 562), so that `fastmerge.cli` starts without importing torch: the command
 # line installs its signal handling first (fastmerge.signals), and a Ctrl-C during torch's import is not lost.
 _LAZY = {
-    "ops": ".ops", "reference": ".reference", "subspace": ".algo.subspace",
+    "ops": ".ops", "subspace": ".algo.subspace",
     "NoBackendError": ".backends",
     "breadcrumbs": ".algo.ties", "dare": ".algo.ties", "della": ".algo.ties", "magnitude_prune": ".algo.ties",
     "ties": ".algo.ties", "ties_global": ".algo.ties",
@@ -18,7 +18,7 @@ _LAZY = {
 }
 
 
-_MODULES = frozenset({"ops", "reference", "subspace"})
+_MODULES = frozenset({"ops", "subspace"})
 
 
 def __getattr__(name: str):
@@ -61,7 +61,6 @@ __all__ = [
     "name_key",
     "ops",
     "reconstruct",
-    "reference",
     "subspace",
     "ties",
     "ties_global",

@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-from .backends.registry import BACKENDS, OPS, PRIORITY
+from .backends.registry import BACKENDS, PRIORITY
+from .ops import OPS
 
 _DTYPES = (torch.float32, torch.bfloat16)
 

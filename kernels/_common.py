@@ -1,6 +1,7 @@
 """Shared Triton helpers (Philox4x32-10, magnitude keys, NaN-propagating max) and host-side utilities.
 
-Mirrors ``fastmerge/reference.py`` and ``csrc/include/fastmerge/philox.h`` bit for bit.
+Mirrors the oracles of ``fastmerge/ops/`` (``philox.philox_uniform``, ``keys.abs_keys``) and
+``csrc/include/fastmerge/philox.h`` bit for bit.
 """
 
 from __future__ import annotations
@@ -170,3 +171,44 @@ def split_offset(offset: int) -> tuple[int, int]:
     offset = int(offset)
     phase = offset & 3
     return offset - phase, phase
+
+
+def launch_tall(kernel, base, experts, lambdas, mtl, dest, *scalars) -> None:
+    """Launch of the two TALL kernels (tall_masks, consensus_merge): (base, ptr table, lambdas, mtl, dest, n,
+    *scalars)."""
+    T = len(experts)
+    n = experts[0].numel() if T else 0
+    if n == 0:
+        return
+    table, lams, aligned = device_args(experts, lambdas)
+    block = tile_size(T, 2048)
+    with on_device(experts[0].device):
+        kernel[(triton.cdiv(n, block),)](
+            base if base is not None else experts[0],
+            table,
+            lams,
+            mtl if mtl is not None else experts[0],
+            dest,
+            n,
+            *scalars,
+            T=T,
+            DTYPE=tl_dtype(experts[0].dtype),
+            ALIGNED=aligned,
+            HAS_BASE=base is not None,
+            HAS_MTL=mtl is not None,
+            BLOCK=block,
+            num_warps=4,
+            **LAUNCH_OPTS,
+        )
+
+
+SEGMENT_BLOCK = 4096
+
+
+def segment_blocks(offsets: torch.Tensor, device) -> tuple[torch.Tensor, int]:
+    """The block table of the TTA kernels (tv_combine, tv_coef_grad): rows (segment, start, end) cutting each
+    segment offsets[s]:offsets[s + 1] into blocks of at most SEGMENT_BLOCK elements, and the number of blocks."""
+    off = offsets.tolist()
+    rows = [(s, b, min(off[s + 1], b + SEGMENT_BLOCK)) for s in range(len(off) - 1)
+            for b in range(off[s], off[s + 1], SEGMENT_BLOCK)]
+    return torch.tensor(rows or [(0, 0, 0)], dtype=torch.int64, device=device), len(rows)

@@ -27,7 +27,8 @@ def _abs_histogram_kernel(x_ptr, hist_ptr, n, prefix, LEVEL: tl.constexpr, BLOCK
 
 
 def abs_histogram(x, hist, level, prefix) -> None:
-    """hist (int64, 65536) += histogram of the magnitude keys of x (see reference.abs_histogram)."""
+    """hist (int64, 65536) += histogram of the magnitude keys of x (see
+    fastmerge.ops.abs_histogram.abs_histogram_ref)."""
     level = int(level)
     if level not in (0, 1):
         raise ValueError(f"level must be 0 or 1, got {level}")

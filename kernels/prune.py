@@ -84,7 +84,7 @@ def _prune_kernel(
 
 
 def prune(x, lo, hi, out, stats, p, seed, key, offset, scale) -> None:
-    """out = x * keep * scale, stats (fp64, 2) += [sum |x|, sum |x * keep|] (see reference.prune)."""
+    """out = x * keep * scale, stats (fp64, 2) += [sum |x|, sum |x * keep|] (see fastmerge.ops.prune.prune_ref)."""
     n = x.numel()
     if n == 0:
         return

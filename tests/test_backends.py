@@ -1,4 +1,4 @@
-"""Every native backend against the oracle (fastmerge.reference), called directly and through the dispatcher.
+"""Every native backend against the oracles (fastmerge.ops.<op>.<op>_ref), called directly and through the dispatcher.
 
 Inputs are small integers times 1/4 so that every sum is exact in any order and in fp16/bf16: merged
 values, masks, signs, counts, histograms and thresholds must then be *equal*, not close.
@@ -12,9 +12,18 @@ import pytest
 import torch
 from _backends import NATIVE, backend_device, dtypes_for
 
-from fastmerge import reference as ref
 from fastmerge.backends import get_backend
 from fastmerge.ops import name_key, ties_params, to_i64
+from fastmerge.ops.abs_histogram import abs_histogram_ref
+from fastmerge.ops.consensus_merge import consensus_merge_ref
+from fastmerge.ops.della_prune import della_prune_ref
+from fastmerge.ops.emr_elect import emr_elect_ref
+from fastmerge.ops.keys import abs_keys
+from fastmerge.ops.philox import philox_uniform
+from fastmerge.ops.prune import prune_ref
+from fastmerge.ops.row_kth_largest_abs import row_kth_largest_abs_ref
+from fastmerge.ops.tall_masks import tall_masks_ref
+from fastmerge.ops.ties_merge import ELECT, MERGE, ties_merge_ref
 
 SHAPES = [(0,), (1,), (7,), (1009,), (31, 37), (3, 5, 129)]
 ELECTS = ["none", "sum", "count"]
@@ -65,10 +74,10 @@ def test_abs_histogram(backend, shape):
             x.view(-1)[0] = 0.0
             x.view(-1)[-1] = -0.0
         for level in (0, 1):
-            prefix = int(ref.abs_keys(x).reshape(-1)[0] >> 16) if x.numel() and level else 0
+            prefix = int(abs_keys(x).reshape(-1)[0] >> 16) if x.numel() and level else 0
             hist = torch.full((65536,), 3, dtype=torch.int64, device=dev)  # accumulates
             _fn(backend, "abs_histogram")(x, hist, level, prefix)
-            want = ref.abs_histogram(x, level, prefix) + 3
+            want = abs_histogram_ref(x, level, prefix) + 3
             assert torch.equal(hist.cpu(), want.cpu()), (dtype, level)
 
 
@@ -81,12 +90,12 @@ def test_row_kth_largest_abs(backend, shape):
         for k in sorted({0, 1, shape[1] // 2, shape[1]}):
             out = torch.empty(shape[0], dtype=torch.float32, device=dev)
             _fn(backend, "row_kth_largest_abs")(x, k, out)
-            assert torch.equal(out.cpu(), ref.row_kth_largest_abs(x, k).cpu()), (dtype, k)
+            assert torch.equal(out.cpu(), row_kth_largest_abs_ref(x, k).cpu()), (dtype, k)
         y = torch.randn(shape).to(dtype=dtype, device=dev)
         k = max(1, shape[1] // 3) if shape[1] else 0
         out = torch.empty(shape[0], dtype=torch.float32, device=dev)
         _fn(backend, "row_kth_largest_abs")(y, k, out)
-        assert torch.equal(out.cpu(), ref.row_kth_largest_abs(y, k).cpu())
+        assert torch.equal(out.cpu(), row_kth_largest_abs_ref(y, k).cpu())
 
 
 @pytest.mark.parametrize("backend", NATIVE)
@@ -107,7 +116,7 @@ def test_prune(backend, shape, p):
             out = torch.empty(shape, dtype=out_dtype, device=dev)
             stats = torch.ones(2, dtype=torch.float64, device=dev)
             _fn(backend, "prune")(x, lo.to(dev), hi.to(dev), out, stats, p, seed, key, offset, 2.0)
-            want, wst = ref.prune(x, lo.to(dev), hi.to(dev), p, seed, key, offset, 2.0, out_dtype)
+            want, wst = prune_ref(x, lo.to(dev), hi.to(dev), p, seed, key, offset, 2.0, out_dtype)
             assert torch.equal(out.cpu(), want.cpu()), (dtype, out_dtype)
             torch.testing.assert_close(stats.cpu(), wst.cpu() + 1, rtol=1e-6, atol=1e-6)
 
@@ -122,7 +131,7 @@ def test_dare_masks_bit_identical(backend):
     for seed, key in [(0, 0), (1, -1), (2**40 + 3, name_key("embed_tokens.weight"))]:
         full = torch.empty(n, device=dev)
         _fn(backend, "prune")(x, lo, hi, full, torch.zeros(2, dtype=torch.float64, device=dev), 0.5, seed, key, 0, 1.0)
-        want = (ref.philox_uniform(n, seed, key, 0) >= 0.5).float()
+        want = (philox_uniform(n, seed, key, 0) >= 0.5).float()
         assert torch.equal(full.cpu(), want)
         part = torch.empty(n - 1000, device=dev)
         _fn(backend, "prune")(x[1000:], lo, hi, part, torch.zeros(2, dtype=torch.float64, device=dev), 0.5, seed,
@@ -148,12 +157,12 @@ def test_ties_merge(backend, shape, T):
                              hi=[math.inf, 1.0, math.inf, math.inf, 0.75][:T],
                              p=[0.0, 0.25, 0.0, 0.5, 0.0][:T], scale=[1.0, 2.0, 1.0, 0.5, 1.0][:T])
         for _, _, elect, merge, weighted in (c for c in combos if c[:2] == (dtype, with_base)):
-            kw = dict(seed=7, key=to_i64(2**63 + 5), offset=3, elect=ref.ELECT[elect],
-                      merge=ref.MERGE[merge], weighted_elect=weighted, zero_sign=-1.0, lam=0.5)
+            kw = dict(seed=7, key=to_i64(2**63 + 5), offset=3, elect=ELECT[elect],
+                      merge=MERGE[merge], weighted_elect=weighted, zero_sign=-1.0, lam=0.5)
             out = torch.empty(shape, dtype=torch.float32, device=dev)
             counts = torch.ones(2, dtype=torch.int64, device=dev)
             _fn(backend, "ties_merge")(base, ex, params, out, counts, **{**kw})
-            want, wc = ref.ties_merge(base, ex, params, **{**kw, "elect": elect, "merge": merge},
+            want, wc = ties_merge_ref(base, ex, params, **{**kw, "elect": elect, "merge": merge},
                                       out_dtype=torch.float32)
             tag = (dtype, with_base, elect, merge, weighted)
             if merge in ("mean", "wmean"):  # one rounded division: equal up to fp32 rounding
@@ -170,11 +179,11 @@ def test_ties_merge_counts_only_and_out_dtype(backend):
     params = ties_params(3)
     counts = torch.zeros(2, dtype=torch.int64, device=dev)
     _fn(backend, "ties_merge")(base, ex, params, None, counts, 0, 0, 0, 1, 1, False, 1.0, 1.0)
-    assert torch.equal(counts.cpu(), ref.ties_merge(base, ex, params)[1].cpu())
+    assert torch.equal(counts.cpu(), ties_merge_ref(base, ex, params)[1].cpu())
     for od in dtypes_for(backend, dev):
         out = torch.empty((13, 11), dtype=od, device=dev)
         _fn(backend, "ties_merge")(base, ex, params, out, counts, 0, 0, 0, 1, 0, False, 1.0, 1.0)
-        assert torch.equal(out.cpu(), ref.ties_merge(base, ex, params, merge="sum", out_dtype=od)[0].cpu())
+        assert torch.equal(out.cpu(), ties_merge_ref(base, ex, params, merge="sum", out_dtype=od)[0].cpu())
 
 
 @pytest.mark.parametrize("backend", NATIVE)
@@ -188,11 +197,11 @@ def test_tall_and_consensus(backend, shape, T):
         for mtl in (None, qint(shape, dtype, dev)):
             masks = torch.empty((T, *shape), dtype=torch.bool, device=dev)
             _fn(backend, "tall_masks")(base, ex, lambdas, mtl, masks)
-            assert torch.equal(masks.cpu(), ref.tall_masks(base, ex, lambdas, mtl).cpu())
+            assert torch.equal(masks.cpu(), tall_masks_ref(base, ex, lambdas, mtl).cpu())
             for k in (1, 2):
                 out = torch.empty(shape, dtype=dtype, device=dev)
                 _fn(backend, "consensus_merge")(base, ex, lambdas, mtl, k, 0.5, out)
-                want = ref.consensus_merge(base, ex, lambdas, mtl, min_count=k, lam=0.5)
+                want = consensus_merge_ref(base, ex, lambdas, mtl, min_count=k, lam=0.5)
                 assert torch.equal(out.cpu(), want.cpu())
 
 
@@ -208,7 +217,7 @@ def test_emr_elect(backend, shape, T):
             masks = torch.empty((T, *shape), dtype=torch.bool, device=dev)
             stats = torch.zeros(T, 2, dtype=torch.float64, device=dev)
             _fn(backend, "emr_elect")(base, ex, uni, masks, stats)
-            wu, wm, ws = ref.emr_elect(base, ex)
+            wu, wm, ws = emr_elect_ref(base, ex)
             assert torch.equal(uni.cpu(), wu.cpu())
             assert torch.equal(masks.cpu(), wm.cpu())
             torch.testing.assert_close(stats.cpu(), ws.cpu(), rtol=1e-9, atol=0)
@@ -222,7 +231,7 @@ def test_della_prune_cpp(shape):
         for density, eps, rescale in [(0.5, 0.1, True), (0.3, 0.3, False), (0.9, 0.05, True)]:
             out = torch.empty(shape, dtype=dtype, device=dev)
             _fn("cpp", "della_prune")(x, out, density, eps, 11, 22, rescale)
-            want = ref.della_prune(x, density, eps, 11, 22, rescale)
+            want = della_prune_ref(x, density, eps, 11, 22, rescale)
             assert torch.equal(out, want), (dtype, density, eps)
 
 
@@ -241,14 +250,14 @@ def test_forced_backend_non_contiguous(backend, monkeypatch):
     assert not base.is_contiguous()
     params = ties_params(3, weights=[1.0, 0.5, 2.0], lo=0.25)
     got, counts = ops.ties_merge(base, ex, params, merge="wmean", weighted_elect=True, lam=0.5)
-    want, wc = ref.ties_merge(base, ex, params, merge="wmean", weighted_elect=True, lam=0.5)
+    want, wc = ties_merge_ref(base, ex, params, merge="wmean", weighted_elect=True, lam=0.5)
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
     assert torch.equal(counts.cpu(), wc.cpu())
     x = ex[0]
     got, st = ops.prune(x, 0.25, 1.0, p=0.5, seed=3, key=4)
-    assert torch.equal(got.cpu(), ref.prune(x, torch.tensor([0.25]), torch.tensor([1.0]), 0.5, 3, 4)[0].cpu())
+    assert torch.equal(got.cpu(), prune_ref(x, torch.tensor([0.25]), torch.tensor([1.0]), 0.5, 3, 4)[0].cpu())
     h = ops.abs_histogram(x)
-    assert torch.equal(h.cpu(), ref.abs_histogram(x, 0).cpu())
+    assert torch.equal(h.cpu(), abs_histogram_ref(x, 0).cpu())
     out = torch.empty(base.t().shape, dtype=dtype, device=dev).t()  # non-contiguous output
     torch.ops.fastmerge.consensus_merge(base, ex, torch.ones(3), None, 2, 1.0, out)
-    assert torch.equal(out.cpu(), ref.consensus_merge(base, ex, torch.ones(3)).cpu())
+    assert torch.equal(out.cpu(), consensus_merge_ref(base, ex, torch.ones(3)).cpu())

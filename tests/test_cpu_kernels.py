@@ -1,4 +1,4 @@
-"""The CPU C++ kernels (fastmerge._C.*_cpu) against the oracle, fastmerge.reference.
+"""The CPU C++ kernels (fastmerge._C.*_cpu) against the oracles (fastmerge.ops.<op>.<op>_ref).
 
 Masks, signs, counts, histograms, thresholds and random draws must be bit-identical; since the kernels do
 the reference's fp32 arithmetic in the same order, merged values are compared bit for bit too (NaN == NaN),
@@ -12,8 +12,18 @@ import itertools
 import pytest
 import torch
 
+from fastmerge.ops.abs_histogram import abs_histogram_ref
+from fastmerge.ops.consensus_merge import consensus_merge_ref
+from fastmerge.ops.della_prune import della_prune_ref
+from fastmerge.ops.emr_elect import emr_elect_ref
+from fastmerge.ops.keys import HIST_BINS, abs_keys
+from fastmerge.ops.philox import philox_uniform
+from fastmerge.ops.prune import prune_ref
+from fastmerge.ops.row_kth_largest_abs import row_kth_largest_abs_ref
+from fastmerge.ops.tall_masks import tall_masks_ref
+from fastmerge.ops.ties_merge import ELECT, MERGE, ties_merge_ref
+
 C = pytest.importorskip("fastmerge._C")
-R = pytest.importorskip("fastmerge.reference")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -133,8 +143,8 @@ def run_ties(
         s64(seed),
         s64(key),
         offset,
-        R.ELECT[elect],
-        R.MERGE[merge],
+        ELECT[elect],
+        MERGE[merge],
         weighted_elect,
         zero_sign,
         lam,
@@ -155,7 +165,7 @@ def test_ties_merge_modes(dtype, T, kind, isa):
         base, ex = experts_for(shape, dtype, kind, T, with_base, seed=11 * T + len(shape))
         for p in (0.0, 0.3):
             params = ties_params(T, kind, p, g)
-            for elect, merge, weighted in itertools.product(R.ELECT, R.MERGE, [False, True]):
+            for elect, merge, weighted in itertools.product(ELECT, MERGE, [False, True]):
                 kw = dict(
                     seed=7,
                     key=3,
@@ -166,7 +176,7 @@ def test_ties_merge_modes(dtype, T, kind, isa):
                     zero_sign=-1.0 if weighted else 1.0,
                     lam=0.7 if kind == "float" else 1.0,
                 )
-                ref, ref_counts = R.ties_merge(base, ex, params, **kw)
+                ref, ref_counts = ties_merge_ref(base, ex, params, **kw)
                 out, counts = run_ties(base, ex, params, dtype, **kw)
                 same(out, ref)
                 assert torch.equal(counts, ref_counts), (elect, merge, weighted, counts, ref_counts)
@@ -178,14 +188,14 @@ def test_ties_merge_shapes_out_dtypes_counts_only(shape):
     base, ex = experts_for(shape, torch.bfloat16, "float", 3, True, seed=2)
     params = ties_params(3, "float", 0.2, g)
     for out_dtype in DTYPES:
-        ref, ref_counts = R.ties_merge(base, ex, params, seed=1, elect="sum", merge="wmean", out_dtype=out_dtype)
+        ref, ref_counts = ties_merge_ref(base, ex, params, seed=1, elect="sum", merge="wmean", out_dtype=out_dtype)
         out, counts = run_ties(base, ex, params, out_dtype, seed=1, elect="sum", merge="wmean")
         same(out, ref)
         assert torch.equal(counts, ref_counts)
     # out=None: counts only, and counts accumulate
     acc = torch.tensor([5, 7], dtype=torch.int64)
     out, counts = run_ties(base, ex, params, None, seed=1, elect="count", counts=acc)
-    _, ref_counts = R.ties_merge(base, ex, params, seed=1, elect="count")
+    _, ref_counts = ties_merge_ref(base, ex, params, seed=1, elect="count")
     assert out is None
     assert torch.equal(counts, ref_counts + torch.tensor([5, 7]))
     # elect "none" without out: nothing to do, counts untouched
@@ -197,12 +207,12 @@ def test_ties_merge_zero_sign_and_exact_ties(isa):
     # integer deltas with many exact-zero election sums; zero_sign 0 / -1 / +1
     base, ex = experts_for((37, 129), torch.float32, "int", 2, True, seed=5)
     params = ties_params(2, "int", 0.0, torch.Generator().manual_seed(0), negative=False)
-    for zs, elect, merge in itertools.product([0.0, -1.0, 1.0], ["sum", "count"], list(R.MERGE)):
-        ref, rc = R.ties_merge(base, ex, params, elect=elect, merge=merge, zero_sign=zs)
+    for zs, elect, merge in itertools.product([0.0, -1.0, 1.0], ["sum", "count"], list(MERGE)):
+        ref, rc = ties_merge_ref(base, ex, params, elect=elect, merge=merge, zero_sign=zs)
         out, c = run_ties(base, ex, params, torch.float32, elect=elect, merge=merge, zero_sign=zs)
         same(out, ref)
         assert torch.equal(c, rc)
-    _, rc = R.ties_merge(base, ex, params, elect="sum")
+    _, rc = ties_merge_ref(base, ex, params, elect="sum")
     assert int(rc.sum()) < base.numel()  # there really were zero sums
 
 
@@ -211,9 +221,9 @@ def test_ties_merge_special_values(isa):
     ex = [vals[torch.randperm(len(vals), generator=torch.Generator().manual_seed(t))].repeat(3) for t in range(3)]
     base = vals.repeat(3).flip(0).contiguous()
     params = torch.tensor([[1.0, 0.0, INF, 0.0, 1.0], [-1.0, 0.0, INF, 0.0, 2.0], [1e-8, 0.0, INF, 0.0, 1.0]])
-    for b, elect, merge, weighted in itertools.product([None, base], R.ELECT, R.MERGE, [False, True]):
+    for b, elect, merge, weighted in itertools.product([None, base], ELECT, MERGE, [False, True]):
         kw = dict(elect=elect, merge=merge, weighted_elect=weighted)
-        ref, rc = R.ties_merge(b, ex, params, **kw)
+        ref, rc = ties_merge_ref(b, ex, params, **kw)
         out, c = run_ties(b, ex, params, torch.float32, **kw)
         same(out, ref)
         assert torch.equal(c, rc)
@@ -226,7 +236,7 @@ def test_ties_merge_dare_offsets_chunks_threads(isa3):
     ex = [torch.randn(n, generator=g) for _ in range(2)]
     params = torch.tensor([[1.0, 0.0, INF, 0.5, 2.0], [0.5, 0.0, INF, 0.9, 10.0]])
     kw = dict(seed=123, key=2**63 + 5, offset=10, elect="sum", merge="sum")
-    ref, rc = R.ties_merge(base, ex, params, **kw)
+    ref, rc = ties_merge_ref(base, ex, params, **kw)
     whole, c = run_ties(base, ex, params, torch.float32, **kw)
     same(whole, ref)
     assert torch.equal(c, rc)
@@ -261,7 +271,7 @@ def test_prune(dtype, shape, isa):
         lo = (torch.rand(rows, generator=g) * 0.5).float()
         hi = torch.where(torch.rand(rows, generator=g) < 0.5, INF, 1.5).float()
         kw = dict(p=p, seed=9, key=4, offset=3, scale=1.7, out_dtype=out_dtype)
-        ref, ref_stats = R.prune(x, lo, hi, **kw)
+        ref, ref_stats = prune_ref(x, lo, hi, **kw)
         out = torch.empty(shape, dtype=out_dtype)
         stats = torch.tensor([1.0, 2.0], dtype=torch.float64)
         C.prune_cpu(x, lo, hi, out, stats, p, 9, 4, 3, 1.7)
@@ -274,12 +284,12 @@ def test_prune_dare_mask_bit_identical(isa3):
     x = torch.ones(n)
     lo, hi = torch.zeros(1), torch.full((1,), INF)
     for p, seed, key, offset in [(0.1, 0, 0, 0), (0.5, 2**40 + 3, -1, 77), (0.9, -5, 12, 2**33 + 1)]:
-        ref, _ = R.prune(x, lo, hi, p=p, seed=seed, key=key, offset=offset)
+        ref, _ = prune_ref(x, lo, hi, p=p, seed=seed, key=key, offset=offset)
         out, stats = torch.empty(n), torch.zeros(2, dtype=torch.float64)
         C.prune_cpu(x, lo, hi, out, stats, p, s64(seed), s64(key), offset, 1.0)
         assert torch.equal(out, ref)
         # and against the draws themselves
-        u = R.philox_uniform(n, seed, key, offset)
+        u = philox_uniform(n, seed, key, offset)
         assert torch.equal(out, (u >= p).float())
 
 
@@ -291,7 +301,7 @@ def test_della_prune(dtype, shape, isa):
         ["int", "float"], [(0.5, 0.2), (0.3, 0.0), (0.9, 0.1), (0.2, 0.2)], [True, False], [dtype, torch.float32]
     ):
         x = make(shape, dtype, kind, g)
-        ref = R.della_prune(x, density, eps, seed=5, key=6, rescale=rescale, out_dtype=out_dtype)
+        ref = della_prune_ref(x, density, eps, seed=5, key=6, rescale=rescale, out_dtype=out_dtype)
         out = torch.empty(shape, dtype=out_dtype)
         C.della_prune_cpu(x, out, density, eps, 5, 6, rescale)
         same(out, ref)
@@ -300,7 +310,7 @@ def test_della_prune(dtype, shape, isa):
 def test_della_prune_many_rows_and_threads(isa):
     g = torch.Generator().manual_seed(9)
     x = torch.randint(-40, 41, (64, 2500), generator=g).to(torch.bfloat16) * 0.01  # ties, several blocks a row
-    ref = R.della_prune(x, 0.4, 0.15, seed=-3, key=2**40)
+    ref = della_prune_ref(x, 0.4, 0.15, seed=-3, key=2**40)
     out = torch.empty_like(x)
     C.della_prune_cpu(x, out, 0.4, 0.15, -3, 2**40, True)
     same(out, ref)
@@ -337,23 +347,23 @@ def test_abs_histogram(dtype):
     ]
     old = torch.get_num_threads()
     for x in xs:
-        ref0 = R.abs_histogram(x, 0)
+        ref0 = abs_histogram_ref(x, 0)
         for threads in (1, 2):
             torch.set_num_threads(threads)
             try:
-                h0 = torch.arange(R.HIST_BINS, dtype=torch.int64)
+                h0 = torch.arange(HIST_BINS, dtype=torch.int64)
                 C.abs_histogram_cpu(x, h0, 0, 0)
             finally:
                 torch.set_num_threads(old)
-            assert torch.equal(h0 - torch.arange(R.HIST_BINS), ref0), threads
+            assert torch.equal(h0 - torch.arange(HIST_BINS), ref0), threads
         if x.numel():
-            prefixes = [int(ref0.argmax()), int(R.abs_keys(x).reshape(-1)[0] >> 16), 0x7FFF, 70000, -1]
+            prefixes = [int(ref0.argmax()), int(abs_keys(x).reshape(-1)[0] >> 16), 0x7FFF, 70000, -1]
         else:
             prefixes = [0]
         for prefix in prefixes:
-            h1 = torch.zeros(R.HIST_BINS, dtype=torch.int64)
+            h1 = torch.zeros(HIST_BINS, dtype=torch.int64)
             C.abs_histogram_cpu(x, h1, 1, prefix)
-            ref1 = R.abs_histogram(x, 1, prefix) if 0 <= prefix < R.HIST_BINS else torch.zeros_like(h1)
+            ref1 = abs_histogram_ref(x, 1, prefix) if 0 <= prefix < HIST_BINS else torch.zeros_like(h1)
             assert torch.equal(h1, ref1), prefix
 
 
@@ -375,7 +385,7 @@ def test_row_kth_largest_abs(dtype):
         for k in sorted({0, 1, cols // 3, cols // 2, cols - 1, cols} & set(range(cols + 1))):
             out = torch.empty(x.shape[0], dtype=torch.float32)
             C.row_kth_largest_abs_cpu(x, k, out)
-            same(out, R.row_kth_largest_abs(x, k))
+            same(out, row_kth_largest_abs_ref(x, k))
 
 
 def test_row_kth_largest_abs_many_rows():
@@ -384,7 +394,7 @@ def test_row_kth_largest_abs_many_rows():
     for k in (1, 500, 1031):
         out = torch.empty(96)
         C.row_kth_largest_abs_cpu(x, k, out)
-        same(out, R.row_kth_largest_abs(x, k))
+        same(out, row_kth_largest_abs_ref(x, k))
 
 
 def test_row_kth_largest_abs_bad_k():
@@ -406,12 +416,12 @@ def test_tall_and_consensus(dtype, T, isa):
         base, ex = experts_for(shape, dtype, kind, T, with_base, seed=T)
         lambdas = (torch.rand(T, generator=g) * 0.8 + 0.2).float()
         mtl = make(shape, torch.float16 if dtype != torch.float16 else torch.bfloat16, kind, g) if with_mtl else None
-        ref_masks = R.tall_masks(base, ex, lambdas, mtl)
+        ref_masks = tall_masks_ref(base, ex, lambdas, mtl)
         masks = torch.empty((T, *shape), dtype=torch.bool)
         C.tall_masks_cpu(base, ex, lambdas, mtl, masks)
         assert torch.equal(masks, ref_masks)
         for min_count, out_dtype in itertools.product([0, 1, 2, T + 1], [dtype, torch.float32]):
-            ref = R.consensus_merge(base, ex, lambdas, mtl, min_count=min_count, lam=0.6, out_dtype=out_dtype)
+            ref = consensus_merge_ref(base, ex, lambdas, mtl, min_count=min_count, lam=0.6, out_dtype=out_dtype)
             out = torch.empty(shape, dtype=out_dtype)
             C.consensus_merge_cpu(base, ex, lambdas, mtl, min_count, 0.6, out)
             same(out, ref)
@@ -424,7 +434,7 @@ def test_emr_elect(dtype, T, isa):
         [(0,), (1,), (7,), (37, 129)], ["int", "float"], [True, False], [torch.float32, torch.bfloat16]
     ):
         base, ex = experts_for(shape, dtype, kind, T, with_base, seed=3 * T)
-        ref_uni, ref_masks, ref_stats = R.emr_elect(base, ex, out_dtype)
+        ref_uni, ref_masks, ref_stats = emr_elect_ref(base, ex, out_dtype)
         uni = torch.empty(shape, dtype=out_dtype)
         masks = torch.empty((T, *shape), dtype=torch.bool)
         stats = torch.ones(T, 2, dtype=torch.float64)
@@ -437,7 +447,7 @@ def test_emr_elect(dtype, T, isa):
 def test_emr_elect_threads(isa):
     g = torch.Generator().manual_seed(0)
     ex = [torch.randn(100_003, generator=g).bfloat16() for _ in range(3)]
-    ref_uni, ref_masks, ref_stats = R.emr_elect(None, ex)
+    ref_uni, ref_masks, ref_stats = emr_elect_ref(None, ex)
     uni, masks, stats = torch.empty(100_003), torch.empty(3, 100_003, dtype=torch.bool), torch.zeros(3, 2).double()
     C.emr_elect_cpu(None, ex, uni, masks, stats)
     same(uni, ref_uni)

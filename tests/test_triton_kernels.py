@@ -1,4 +1,4 @@
-"""Triton kernels (fastmerge._kernels) against the plain-PyTorch oracle fastmerge.reference.
+"""Triton kernels (fastmerge._kernels) against the plain-PyTorch oracles (fastmerge.ops.<op>.<op>_ref).
 
 Runs on a CUDA device, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1, fp32/fp16 only).
 Integer-valued inputs make every sum exact, so merged values are compared for exact equality; masks, signs,
@@ -35,7 +35,7 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _import_kernels():
     """fastmerge._kernels, or the kernels/ folder loaded under that name before `pip install -e .`."""
     try:
-        importlib.import_module("fastmerge.reference")
+        importlib.import_module("fastmerge.ops")
     except ImportError:
         sys.path.insert(0, str(_ROOT))
     try:
@@ -53,13 +53,20 @@ def _import_kernels():
 _import_kernels()
 
 from fastmerge._kernels import abs_histogram as k_hist  # noqa: E402
-from fastmerge._kernels import consensus as k_cons  # noqa: E402
-from fastmerge._kernels import emr as k_emr  # noqa: E402
+from fastmerge._kernels import consensus_merge as k_consensus  # noqa: E402
+from fastmerge._kernels import emr_elect as k_emr  # noqa: E402
 from fastmerge._kernels import prune as k_prune  # noqa: E402
+from fastmerge._kernels import tall_masks as k_tall  # noqa: E402
 from fastmerge._kernels import ties_merge as k_ties  # noqa: E402
 from fastmerge._kernels._common import philox_u01, split_offset, u32_halves  # noqa: E402
-
-from fastmerge import reference as ref  # noqa: E402
+from fastmerge.ops.abs_histogram import abs_histogram_ref  # noqa: E402
+from fastmerge.ops.consensus_merge import consensus_merge_ref  # noqa: E402
+from fastmerge.ops.emr_elect import emr_elect_ref  # noqa: E402
+from fastmerge.ops.keys import HIST_BINS, abs_keys  # noqa: E402
+from fastmerge.ops.philox import philox_uniform  # noqa: E402
+from fastmerge.ops.prune import prune_ref  # noqa: E402
+from fastmerge.ops.tall_masks import tall_masks_ref  # noqa: E402
+from fastmerge.ops.ties_merge import ELECT, MERGE, ties_merge_ref  # noqa: E402
 
 # the interpreter runs on CPU tensors (it would dereference the device addresses of the experts' pointer table)
 DEV = "cuda" if _ON_GPU and not _INTERPRET else "cpu"
@@ -131,7 +138,7 @@ def test_philox_matches_reference(seed, key, offset):
     s_lo, s_hi = u32_halves(seed)
     k_lo, k_hi = u32_halves(key)
     _u01_kernel[(triton.cdiv(n, 512),)](out, n, off_al, s_lo, s_hi, k_lo, k_hi, PHASE=phase, BLOCK=512)
-    _same(out, ref.philox_uniform(n, seed, key, offset, DEV))
+    _same(out, philox_uniform(n, seed, key, offset, DEV))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,25 +159,25 @@ def test_abs_histogram(shape, dtype):
     x = (torch.randn(shape, generator=g) * 3).to(dtype).to(DEV)
     if x.numel() >= 7:
         x.view(-1)[:3] = torch.tensor([0.0, -0.0, 0.75], dtype=dtype, device=DEV)
-    prior = torch.randint(0, 5, (ref.HIST_BINS,), generator=g).to(DEV)
+    prior = torch.randint(0, 5, (HIST_BINS,), generator=g).to(DEV)
     h0 = prior.clone()
     k_hist.abs_histogram(x, h0, 0, 0)
-    _same(h0, prior + ref.abs_histogram(x, 0))
-    keys = ref.abs_keys(x).reshape(-1)
+    _same(h0, prior + abs_histogram_ref(x, 0))
+    keys = abs_keys(x).reshape(-1)
     prefixes = [int(keys[-1] >> 16), 12345] if keys.numel() else [0]
     for prefix in prefixes:
         h1 = prior.clone()
         k_hist.abs_histogram(x, h1, 1, prefix)
-        _same(h1, prior + ref.abs_histogram(x, 1, prefix))
+        _same(h1, prior + abs_histogram_ref(x, 1, prefix))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_abs_histogram_special_values(dtype):
     x = _special_values(dtype).repeat(50)
-    for level, prefix in [(0, 0), (1, int(ref.abs_keys(torch.tensor([3.0]))[0] >> 16))]:
-        h = torch.zeros(ref.HIST_BINS, dtype=torch.int64, device=DEV)
+    for level, prefix in [(0, 0), (1, int(abs_keys(torch.tensor([3.0]))[0] >> 16))]:
+        h = torch.zeros(HIST_BINS, dtype=torch.int64, device=DEV)
         k_hist.abs_histogram(x, h, level, prefix)
-        _same(h, ref.abs_histogram(x, level, prefix))
+        _same(h, abs_histogram_ref(x, level, prefix))
     with pytest.raises(ValueError):
         k_hist.abs_histogram(x, h, 2, 0)
 
@@ -183,7 +190,7 @@ def _run_prune(x, lo, hi, p, seed, key, offset, scale, out_dtype=None, stats0=No
     out = torch.full(x.shape, 7.0, dtype=out_dtype or x.dtype, device=DEV)
     stats = torch.zeros(2, dtype=torch.float64, device=DEV) if stats0 is None else stats0.clone()
     k_prune.prune(x, lo, hi, out, stats, p, seed, key, offset, scale)
-    r_out, r_stats = ref.prune(x, lo, hi, p, seed, key, offset, scale, out_dtype)
+    r_out, r_stats = prune_ref(x, lo, hi, p, seed, key, offset, scale, out_dtype)
     _same(out, r_out)
     expect = r_stats if stats0 is None else stats0 + r_stats
     torch.testing.assert_close(stats, expect, rtol=1e-6, atol=1e-9)
@@ -217,7 +224,7 @@ def test_prune_ones_dare_bit_exact(offset):
     _run_prune(x, lo, hi, 0.9, 42, offset * 3 + 1, offset, 10.0)
     # u >= p compares in fp32 (torch rounds the Python scalar p to the tensor's dtype): with p a hair above
     # a drawn u, fp32(p) == u and the element is kept
-    u = ref.philox_uniform(x.numel(), 3, 4, offset, DEV)
+    u = philox_uniform(x.numel(), 3, 4, offset, DEV)
     k = int(torch.nonzero(u >= 0.25)[0])
     p = float(u[k]) + 2**-30
     _run_prune(x, lo, hi, p, 3, 4, offset, 1.0)
@@ -245,7 +252,7 @@ def test_prune_special_values():
     out = torch.empty_like(x)
     stats = torch.zeros(2, dtype=torch.float64, device=DEV)
     k_prune.prune(x, lo, hi, out, stats, 0.2, 1, 2, 0, 3.0)
-    r_out, r_stats = ref.prune(x, lo, hi, 0.2, 1, 2, 0, 3.0)
+    r_out, r_stats = prune_ref(x, lo, hi, 0.2, 1, 2, 0, 3.0)
     _same(out, r_out)
     _same(stats.isnan(), r_stats.isnan())
 
@@ -293,13 +300,13 @@ def _run_ties(
         seed,
         key,
         offset,
-        ref.ELECT[elect],
-        ref.MERGE[merge],
+        ELECT[elect],
+        MERGE[merge],
         welect,
         zero_sign,
         lam,
     )
-    r_out, r_counts = ref.ties_merge(
+    r_out, r_counts = ties_merge_ref(
         base,
         experts,
         params,
@@ -321,7 +328,7 @@ def _run_ties(
             torch.testing.assert_close(out, r_out, rtol=1e-6, atol=1e-6)
 
 
-_MODES = [(e, m, w) for e in ref.ELECT for m in ref.MERGE for w in (False, True)]
+_MODES = [(e, m, w) for e in ELECT for m in MERGE for w in (False, True)]
 
 
 # every mode with T = 3 (fp32, base); a third of them with T = 1 (fp32, base) and T = 2 (fp16, no base)
@@ -341,7 +348,7 @@ def test_ties_merge_weighted_election_is_not_contracted():
     n = 515
     experts = [torch.full((n,), 3.0, device=DEV), torch.full((n,), -3.0, device=DEV)]
     params = torch.tensor([[0.1, 0.0, INF, 0.0, 1.0], [0.1, 0.0, INF, 0.0, 1.0]])
-    for merge in ref.MERGE:
+    for merge in MERGE:
         _run_ties(None, experts, params, elect="sum", merge=merge, welect=True, zero_sign=-1.0, lam=1.0)
 
 
@@ -403,8 +410,8 @@ def test_ties_merge_random_float_unaligned():
         )
 
 
-@pytest.mark.parametrize("merge", list(ref.MERGE))
-@pytest.mark.parametrize("elect", list(ref.ELECT))
+@pytest.mark.parametrize("merge", list(MERGE))
+@pytest.mark.parametrize("elect", list(ELECT))
 def test_ties_merge_special_values(elect, merge):
     sv = _special_values(torch.float32)
     g = _gen(7)
@@ -429,12 +436,12 @@ def test_tall_masks_and_consensus(shape, dtype):
         mtl = _int_tensor(shape, -5, 6, _gen(T)).to(dtype).to(DEV) if with_mtl else None
         lams = _lambdas(T)
         masks = torch.ones((T, *shape), dtype=torch.bool, device=DEV)
-        k_cons.tall_masks(base, experts, lams, mtl, masks)
-        _same(masks, ref.tall_masks(base, experts, lams, mtl))
+        k_tall.tall_masks(base, experts, lams, mtl, masks)
+        _same(masks, tall_masks_ref(base, experts, lams, mtl))
         for min_count in (1, 2):
             out = torch.full(shape, 9.0, dtype=dtype, device=DEV)
-            k_cons.consensus_merge(base, experts, lams, mtl, min_count, 0.5, out)
-            _same(out, ref.consensus_merge(base, experts, lams, mtl, min_count=min_count, lam=0.5))
+            k_consensus.consensus_merge(base, experts, lams, mtl, min_count, 0.5, out)
+            _same(out, consensus_merge_ref(base, experts, lams, mtl, min_count=min_count, lam=0.5))
 
 
 def test_tall_consensus_special_values():
@@ -445,11 +452,11 @@ def test_tall_consensus_special_values():
     lams = _lambdas(3)
     for b in (None, base):
         masks = torch.empty((3, sv.numel() * 7), dtype=torch.bool, device=DEV)
-        k_cons.tall_masks(b, experts, lams, None, masks)
-        _same(masks, ref.tall_masks(b, experts, lams))
+        k_tall.tall_masks(b, experts, lams, None, masks)
+        _same(masks, tall_masks_ref(b, experts, lams))
         out = torch.empty_like(base)
-        k_cons.consensus_merge(b, experts, lams, None, 2, 1.0, out)
-        _same(out, ref.consensus_merge(b, experts, lams, min_count=2))
+        k_consensus.consensus_merge(b, experts, lams, None, 2, 1.0, out)
+        _same(out, consensus_merge_ref(b, experts, lams, min_count=2))
 
 
 def test_consensus_random_float_out_dtype():
@@ -458,11 +465,11 @@ def test_consensus_random_float_out_dtype():
     base = torch.randn(2049, generator=g).to(torch.float16).to(DEV)
     lams = torch.tensor([0.6, 1.0, 1.7])
     masks = torch.empty((3, 2049), dtype=torch.bool, device=DEV)
-    k_cons.tall_masks(base, experts, lams, None, masks)
-    _same(masks, ref.tall_masks(base, experts, lams))
+    k_tall.tall_masks(base, experts, lams, None, masks)
+    _same(masks, tall_masks_ref(base, experts, lams))
     out = torch.empty(2049, dtype=torch.float32, device=DEV)
-    k_cons.consensus_merge(base, experts, lams, None, 2, 0.9, out)
-    r = ref.consensus_merge(base, experts, lams, min_count=2, lam=0.9, out_dtype=torch.float32)
+    k_consensus.consensus_merge(base, experts, lams, None, 2, 0.9, out)
+    r = consensus_merge_ref(base, experts, lams, min_count=2, lam=0.9, out_dtype=torch.float32)
     torch.testing.assert_close(out, r, rtol=1e-6, atol=1e-6)
 
 
@@ -480,7 +487,7 @@ def test_emr_elect(shape, dtype):
         stats0 = torch.arange(2 * T, dtype=torch.float64, device=DEV).reshape(T, 2)
         stats = stats0.clone()
         k_emr.emr_elect(base, experts, tau, masks, stats)
-        r_tau, r_masks, r_stats = ref.emr_elect(base, experts, out_dtype=dtype)
+        r_tau, r_masks, r_stats = emr_elect_ref(base, experts, out_dtype=dtype)
         _same(tau, r_tau)
         _same(masks, r_masks)
         _same(stats, stats0 + r_stats)  # integer data: the sums are exact
@@ -493,7 +500,7 @@ def test_emr_elect_random_float():
     masks = torch.empty((3, 3001), dtype=torch.bool, device=DEV)
     stats = torch.zeros(3, 2, dtype=torch.float64, device=DEV)
     k_emr.emr_elect(None, experts, tau, masks, stats)
-    r_tau, r_masks, r_stats = ref.emr_elect(None, experts, out_dtype=torch.float16)
+    r_tau, r_masks, r_stats = emr_elect_ref(None, experts, out_dtype=torch.float16)
     _same(tau, r_tau)
     _same(masks, r_masks)
     torch.testing.assert_close(stats, r_stats, rtol=1e-6, atol=1e-9)
@@ -509,7 +516,7 @@ def test_emr_elect_special_values():
     masks = torch.empty((3, experts[0].numel()), dtype=torch.bool, device=DEV)
     stats = torch.zeros(3, 2, dtype=torch.float64, device=DEV)
     k_emr.emr_elect(None, experts, tau, masks, stats)
-    r_tau, r_masks, r_stats = ref.emr_elect(None, experts)
+    r_tau, r_masks, r_stats = emr_elect_ref(None, experts)
     _same(tau, r_tau)
     _same(masks, r_masks)
     _same(stats.isnan(), r_stats.isnan())

@@ -1,52 +1,70 @@
-"""Backend capability classes and the dispatcher (first backend with no reason against the call wins)."""
+"""Backends and the dispatcher (first backend with no reason against the call wins).
+
+A backend is a :class:`Backend` created in its own module, which registers itself in ``BACKENDS`` and declares
+what it cannot do (devices, dtypes, expert count, why it cannot run on this machine); its kernels register
+themselves with :meth:`Backend.kernel`, so its op set is whatever was registered, named nowhere else.
+"""
 
 from __future__ import annotations
 
-import importlib
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 from .. import context, env
 
-OPS = (
-    "abs_histogram",
-    "row_kth_largest_abs",
-    "prune",
-    "della_prune",
-    "ties_merge",
-    "tall_masks",
-    "consensus_merge",
-    "emr_elect",
-    "orth_project",
-    "doge_grad",
-    "adam_step",
-    "tv_combine",
-    "tv_coef_grad",
-)
-_HALF = frozenset({torch.float32, torch.float16, torch.bfloat16})
+HALF = frozenset({torch.float32, torch.float16, torch.bfloat16})
 REBUILD = "pip install --no-build-isolation -e ."
+_UNASKED = object()
 
 
 class NoBackendError(RuntimeError):
     """No backend can run this call; the message lists every backend's reason."""
 
 
-@dataclass(frozen=True)
 class Backend:
-    """A backend: where it runs, which dtypes and ops it declares, and where its functions live."""
+    """A backend: where it runs, which dtypes it takes, the most experts a kernel takes, why it cannot run here
+    (``unavailable()``: asked on first use, so that declaring a backend loads nothing), and its kernels."""
 
-    name: str
-    module: str
-    devices: tuple[str, ...]
-    dtypes: frozenset
-    ops: frozenset
-    max_experts: int | None = None
+    def __init__(self, name: str, devices: tuple[str, ...], dtypes: frozenset, *, max_experts: int | None = None,
+                 unavailable: Callable[[], str | None] | None = None):
+        if name not in env.BACKENDS:
+            raise ValueError(f"backend {name!r} is not in env.BACKENDS {env.BACKENDS} (FASTMERGE_BACKEND's values)")
+        self.name = name
+        self.devices = tuple(devices)
+        self.dtypes = frozenset(dtypes)
+        self.max_experts = max_experts
+        self.ops: frozenset[str] = frozenset()
+        self._ask = unavailable or (lambda: None)
+        self._why: str | None | object = _UNASKED
+        self._loaders: dict[str, Callable[[], Callable]] = {}
+        self._kernels: dict[str, Callable] = {}  # loaded, once the backend is known to be available
+        BACKENDS[name] = self
+
+    def kernel(self, op: str, load: Callable[[], Callable] | None = None):
+        """Register this backend's kernel of ``op``: ``@backend.kernel(op)`` on the function, or ``load``, a function
+        returning the kernel, called on first use (a compiled extension or a Triton module is imported only when an
+        op needs it)."""
+        if load is None:
+
+            def register(fn: Callable) -> Callable:
+                self.kernel(op, lambda: fn)
+                return fn
+
+            return register
+        self._loaders[op] = load
+        self.ops = self.ops | {op}
+        return load
 
     def unavailable(self) -> str | None:
-        """Why this backend cannot run at all on this machine (None when it can)."""
-        return _load(self.module)[1]
+        """Why this backend cannot run at all on this machine (None when it can); asked once."""
+        if self._why is _UNASKED:
+            try:
+                self._why = self._ask()
+            except Exception as e:  # noqa: BLE001 - any failure is reported as a reason, never raised at dispatch
+                self._why = f"backend {self.name} failed to load: {e}"
+        return self._why
 
     def reasons(self, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], n_experts: int = 0) -> list[str]:
         """Sentences saying why this backend cannot run ``op`` on these inputs (empty: it can)."""
@@ -67,49 +85,16 @@ class Backend:
         return out
 
     def fn(self, op: str):
-        mod, why = _load(self.module)
-        if mod is None:
-            raise NoBackendError(f"backend {self.name} is unavailable: {why}")
-        return getattr(mod, op)
+        fn = self._kernels.get(op)
+        if fn is None:
+            why = self.unavailable()
+            if why:
+                raise NoBackendError(f"backend {self.name} is unavailable: {why}")
+            fn = self._kernels[op] = self._loaders[op]()
+        return fn
 
 
-_LOADED: dict[str, tuple[object | None, str | None]] = {}
-
-
-def _load(module: str):
-    """Import a backend adapter once; remember the reason when it fails (never raise at import)."""
-    if module not in _LOADED:
-        try:
-            mod = importlib.import_module(module)
-            why = getattr(mod, "UNAVAILABLE", None)
-            _LOADED[module] = (None if why else mod, why)
-        except Exception as e:  # noqa: BLE001 - any failure is reported as a reason, with the fix
-            _LOADED[module] = (None, f"{module} failed to import: {e}")
-    return _LOADED[module]
-
-
-_ALL = frozenset(OPS)
-BACKENDS: dict[str, Backend] = {
-    "cpp": Backend("cpp", "fastmerge.backends.cpp", ("cpu",), _HALF, _ALL),
-    # orth_project: on the CPU the two GEMMs of MKL/OpenBLAS (through ATen) are the kernel, on CUDA the fused
-    # Triton kernel is (a hand-written CUDA GEMM would not beat either)
-    # (the same for the DOGE step: its Triton kernels are the GPU path)
-    "cuda": Backend("cuda", "fastmerge.backends.cuda", ("cuda",), _HALF,
-                    _ALL - {"della_prune", "orth_project", "doge_grad", "adam_step", "tv_combine", "tv_coef_grad"},
-                    max_experts=64),
-    "triton": Backend(
-        "triton",
-        "fastmerge.backends.triton",
-        ("cuda", "cpu"),
-        _HALF,
-        frozenset({"abs_histogram", "prune", "ties_merge", "tall_masks", "consensus_merge", "emr_elect",
-                   "orth_project", "doge_grad", "adam_step", "tv_combine", "tv_coef_grad"}),
-    ),
-    "reference": Backend(
-        "reference", "fastmerge.backends.reference", ("cpu", "cuda", "mps", "xpu"), _HALF | {torch.float64}, _ALL
-    ),
-}
-
+BACKENDS: dict[str, Backend] = {}  # filled by the backend modules (imported by fastmerge.backends)
 PRIORITY = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _warned: set[tuple[str, str]] = set()
 
@@ -123,9 +108,9 @@ def get_backend(name: str) -> Backend:
 def select(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...], n_experts: int = 0):
     """The function of the first backend that can run ``op`` on these inputs.
 
-    FASTMERGE_BACKEND forces one backend (an error with its reasons when it cannot run the call). Otherwise
-    the device's priority list is walked; falling back to the reference on a device that has a native
-    backend warns once per (op, device).
+    The op context's backend (context.forced_backend()) is the only one tried (an error with its reasons when it
+    cannot run the call). Otherwise the device's priority list is walked; falling back to the reference on a
+    device that has a native backend warns once per (op, device).
     """
     forced = context.forced_backend()
     if forced == "triton" and device.type == "cpu" and not env.triton_interpret():

@@ -1,75 +1,32 @@
-"""Triton backend: adapter over fastmerge._kernels (imported lazily, on the first call of an op)."""
+"""Triton backend: one kernel module per op in fastmerge._kernels (kernels/<op>.py, exporting ``<op>``).
+
+Every public module there is registered as the kernel of the op it is named after, found by its file name and
+imported on the op's first call: declaring the backend imports neither triton nor the kernels.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 
-UNAVAILABLE = None
-if importlib.util.find_spec("triton") is None:
-    UNAVAILABLE = "triton is not installed; install it with `pip install triton`"
+from .registry import HALF, Backend
 
-_MODULES = {
-    "abs_histogram": "abs_histogram",
-    "prune": "prune",
-    "ties_merge": "ties_merge",
-    "tall_masks": "consensus",
-    "consensus_merge": "consensus",
-    "emr_elect": "emr",
-    "orth_project": "orth_project",
-    "doge_grad": "doge",
-    "adam_step": "doge",
-    "tv_combine": "tta",
-    "tv_coef_grad": "tta",
-}
+
+def _unavailable() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed; install it with `pip install triton`"
+    return None
+
+
+TRITON = Backend("triton", ("cuda", "cpu"), HALF, unavailable=_unavailable)
 
 
 def _launcher(op: str):
-    mod = importlib.import_module(f"fastmerge._kernels.{_MODULES[op]}")
-    return getattr(mod, op)
+    return getattr(importlib.import_module(f"fastmerge._kernels.{op}"), op)
 
 
-def abs_histogram(x, hist, level, prefix):
-    _launcher("abs_histogram")(x, hist, level, prefix)
-
-
-def prune(x, lo, hi, out, stats, p, seed, key, offset, scale):
-    _launcher("prune")(x, lo, hi, out, stats, p, seed, key, offset, scale)
-
-
-def ties_merge(base, experts, params, out, counts, seed, key, offset, elect, merge, weighted_elect, zero_sign, lam):
-    _launcher("ties_merge")(
-        base, experts, params, out, counts, seed, key, offset, elect, merge, weighted_elect, zero_sign, lam
-    )
-
-
-def tall_masks(base, experts, lambdas, mtl, masks):
-    _launcher("tall_masks")(base, experts, lambdas, mtl, masks)
-
-
-def consensus_merge(base, experts, lambdas, mtl, min_count, lam, out):
-    _launcher("consensus_merge")(base, experts, lambdas, mtl, min_count, lam, out)
-
-
-def emr_elect(base, experts, tau_uni, masks, stats):
-    _launcher("emr_elect")(base, experts, tau_uni, masks, stats)
-
-
-def orth_project(x, u, out):
-    _launcher("orth_project")(x, u, out)
-
-
-def doge_grad(taus, a, d, out):
-    _launcher("doge_grad")(taus, a, d, out)
-
-
-def adam_step(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step):
-    _launcher("adam_step")(param, grad, exp_avg, exp_avg_sq, scale, repeat, lr, beta1, beta2, eps, step)
-
-
-def tv_combine(base, taus, coef, offsets, out):
-    _launcher("tv_combine")(base, taus, coef, offsets, out)
-
-
-def tv_coef_grad(grad, taus, offsets, out):
-    _launcher("tv_coef_grad")(grad, taus, offsets, out)
+_spec = importlib.util.find_spec("fastmerge._kernels")
+for _mod in pkgutil.iter_modules(_spec.submodule_search_locations if _spec else []):
+    if not _mod.name.startswith("_"):
+        TRITON.kernel(_mod.name, lambda op=_mod.name: _launcher(op))

@@ -8,8 +8,8 @@ import torch
 
 import fastmerge
 from fastmerge import ops
-from fastmerge import reference as ref
 from fastmerge.algo import ties as sign_consensus
+from fastmerge.ops.philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, philox_uniform
 
 
 def tie_free(shape, scale=1.0):
@@ -166,7 +166,7 @@ def test_threshold_streaming_equals_kthvalue(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_small_threshold_equals_the_histogram_path(dtype, monkeypatch):
-    """Few elements are ranked by a selection (ops._SMALL): the same thresholds as the two-pass histogram,
+    """Few elements are ranked by a selection (ops.threshold._SMALL): the same thresholds as the two-pass histogram,
     with ties, -0.0, inf and values that round to the same fp32 key."""
     g = torch.Generator().manual_seed(3)
     x = ((torch.randn(3001, generator=g, dtype=torch.float64) * 8).round() / 4).to(dtype)
@@ -175,7 +175,7 @@ def test_small_threshold_equals_the_histogram_path(dtype, monkeypatch):
     n = sum(c.numel() for c in chunks)
     ks = (0, 1, 2, 3, 17, n // 2, n - 1, n)
     small = [ops.magnitude_threshold(chunks, k) for k in ks]
-    monkeypatch.setattr(ops, "_SMALL", -1)
+    monkeypatch.setattr(ops.threshold, "_SMALL", -1)
     assert small == [ops.magnitude_threshold(chunks, k) for k in ks]
 
 
@@ -217,13 +217,13 @@ def test_reference_philox_matches_scalar_python():
         k0, k1 = seed & m, seed >> 32
         for r in range(10):
             if r:
-                k0, k1 = (k0 + ref.PHILOX_W0) & m, (k1 + ref.PHILOX_W1) & m
-            p0, p1 = ref.PHILOX_M0 * c[0], ref.PHILOX_M1 * c[2]
+                k0, k1 = (k0 + PHILOX_W0) & m, (k1 + PHILOX_W1) & m
+            p0, p1 = PHILOX_M0 * c[0], PHILOX_M1 * c[2]
             c = [(p1 >> 32) ^ c[1] ^ k0, p1 & m, (p0 >> 32) ^ c[3] ^ k1, p0 & m]
         return c
 
     seed, key = 2**63 + 12345, 2**40 + 7
-    u = ref.philox_uniform(16, seed, key, offset=2**34)
+    u = philox_uniform(16, seed, key, offset=2**34)
     for i in range(16):
         idx = 2**34 + i
         assert u[i].item() == (philox(idx >> 2, seed, key)[idx & 3] >> 8) / 2**24

@@ -61,7 +61,7 @@ def _emr_elect_kernel(
 
 def emr_elect(base, experts, tau_uni, masks, stats) -> None:
     """Fill tau_uni and masks (bool, (T, *shape)); stats (fp64, (T, 2)) += per-task sums (see
-    reference.emr_elect)."""
+    fastmerge.ops.emr_elect.emr_elect_ref)."""
     T = len(experts)
     n = experts[0].numel() if T else 0
     if n == 0:
