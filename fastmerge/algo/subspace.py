@@ -4,8 +4,8 @@ Every function takes a stack of same-shape matrices (``(..., m, n)``; a single m
 works in batch: one LAPACK/cuSOLVER or BLAS/cuBLAS call per step for the whole stack. On the CPU the stack is
 split over worker threads, each running single-threaded LAPACK (two threads of one-threaded ``eigh`` beat one
 two-threaded ``eigh`` by 1.2-1.7x on the 2-core CI VM, and MKL's LAPACK barely scales at these sizes). The
-symmetric eigensolver (``eigh``) is torch's or numpy's LAPACK, whichever this machine runs faster (timed once
-per process; ``_numpy_faster``), and so are the fp64 Gram matrices and GEMMs around it.
+symmetric eigensolver (``eigh``) and the fp64 Gram matrices and GEMMs around it run on numpy's BLAS/LAPACK
+where it can be held to one thread (``_prefer_numpy``).
 
 Modes (``mode=``):
 
@@ -36,7 +36,6 @@ import functools
 import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -142,51 +141,34 @@ def _check_mode(mode: str) -> None:
 
 
 NUMPY_MIN = 256  # below this size the two libraries are within ~10 % and torch's call is cheaper to reach
-_calibration = threading.Lock()
 
 
 @functools.cache
-def _numpy_faster() -> bool:
-    """Whether numpy's BLAS/LAPACK (OpenBLAS in its wheels) beats torch's (MKL in the x86 wheels) at the CPU fp64
-    work of the fast path: symmetric eigendecompositions, Gram matrices, GEMMs. Where the libraries differ most
-    is the eigensolver's tridiagonal reduction, so that is what is timed, cheaply: eigenvalues only, once per
-    process, one thread each, interleaved, best of 3 on a 384 x 384 SPD matrix (~60 ms); numpy's is taken when
-    it is at least 15 % faster. On the CI VM (AMD EPYC) that step is 1.46x; whole eigendecompositions are 1.17x
-    at n = 512 and 1.26x at 1024, fp64 GEMMs 1.1-1.2x, and numpy computes X^T X by a symmetric rank-k update
-    (half the flops; torch has none): 1.3x the block-triangular torch Gram below."""
+def _prefer_numpy() -> bool:
+    """Whether the CPU fp64 work of the fast path (symmetric eigendecompositions, Gram matrices, GEMMs) runs on
+    numpy's BLAS/LAPACK (OpenBLAS in its wheels) rather than torch's (MKL in the x86 wheels): whenever numpy's
+    pool can be held to one thread. On the CI VM (AMD EPYC) numpy's tridiagonal reduction is 1.46x torch's,
+    whole eigendecompositions 1.17x at n = 512 and 1.26x at 1024, fp64 GEMMs 1.1-1.2x, and numpy computes
+    X^T X by a symmetric rank-k update (half the flops): 1.3x the block-triangular torch Gram below. The choice
+    is fixed, not timed: a timing taken under load could flip it, and the two libraries round differently, so
+    the same merge would not give the same bytes twice."""
     blas = _numpy_blas()
-    if blas is None or not len(blas):
-        return False
-    import numpy as np
-
-    g = torch.randn(384, 384, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    g = g @ g.mT
-    a = g.numpy()
-    best = {"torch": math.inf, "numpy": math.inf}
-    with _one_thread():
-        for rnd in range(4):  # round 0 warms both up
-            for name, fn in (("torch", lambda: torch.linalg.eigvalsh(g)), ("numpy", lambda: np.linalg.eigvalsh(a))):
-                t0 = time.perf_counter()
-                fn()
-                if rnd:
-                    best[name] = min(best[name], time.perf_counter() - t0)
-    return best["numpy"] * 1.15 <= best["torch"]
+    return blas is not None and bool(len(blas))
 
 
 def _use_numpy(t: torch.Tensor) -> bool:
-    """Whether a CPU fp64 operand of size >= NUMPY_MIN goes to numpy's BLAS/LAPACK (``_numpy_faster``): only
+    """Whether a CPU fp64 operand of size >= NUMPY_MIN goes to numpy's BLAS/LAPACK (``_prefer_numpy``): only
     inside the one-threaded worker threads (numpy releases the GIL there, so they run side by side as with
     torch's). Elsewhere both libraries would run their own thread pools at once, and torch's OpenMP threads,
     spinning between parallel regions, slow OpenBLAS's down (1.3-1.6x slower on single-matrix stacks)."""
     if _one_thread.depth == 0 or t.device.type != "cpu" or t.dtype != torch.float64 or t.shape[-1] < NUMPY_MIN:
         return False
-    with _calibration:  # one calibration, with the other workers waiting rather than competing
-        return _numpy_faster()
+    return _prefer_numpy()
 
 
 def eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.linalg.eigh of a stack of symmetric matrices (lower triangles read), eigenvalues ascending; on
-    numpy's LAPACK where that is faster (``_use_numpy``)."""
+    numpy's LAPACK where ``_use_numpy`` says."""
     if _use_numpy(g):
         import numpy as np
 
@@ -196,7 +178,7 @@ def eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _mm64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp64 a @ b of stacks, on numpy's BLAS where that is faster (``_use_numpy``)."""
+    """fp64 a @ b of stacks, on numpy's BLAS where ``_use_numpy`` says."""
     a, b = a.double(), b.double()
     if _use_numpy(a):
         return torch.from_numpy(a.numpy() @ b.numpy())

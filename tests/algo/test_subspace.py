@@ -282,7 +282,7 @@ def test_polar_right_rejects_bad_shapes():
 def test_cpu_gram_is_the_plain_product(shape, numpy_blas, monkeypatch):
     """The CPU Gram is numpy's symmetric rank-k update, or torch GEMMs over the lower block triangle, mirrored:
     the plain product either way (also on transposed views, and with a block that does not divide n)."""
-    monkeypatch.setattr(subspace, "_numpy_faster", lambda: numpy_blas)
+    monkeypatch.setattr(subspace, "_prefer_numpy", lambda: numpy_blas)
     monkeypatch.setattr(subspace, "GRAM_BLOCK", 128)
     a = torch.randn(*shape)
     for x in (a, a.mT.contiguous().mT, torch.randn(shape[0], shape[2], shape[1]).mT):
@@ -300,7 +300,7 @@ def test_eigh_either_lapack(numpy_lapack, monkeypatch):
     eigenspaces (projectors), ascending, on a stack large enough to take that path and with a repeated eigenvalue."""
     import numpy as np
 
-    monkeypatch.setattr(subspace, "_numpy_faster", lambda: numpy_lapack)
+    monkeypatch.setattr(subspace, "_prefer_numpy", lambda: numpy_lapack)
     calls = []
     real = np.linalg.eigh
     monkeypatch.setattr(np.linalg, "eigh", lambda a: calls.append(a.shape) or real(a))
