@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import torch
 
-from ..io import SIDE_FILES, OutputDir, ShardedWriter
+from ..io import OWNER, SIDE_FILES, OutputDir, ShardedWriter
 from ..plan.jobs import Group
 from ..store import FORMAT
 
@@ -93,7 +93,9 @@ def write_record(run, directory: str) -> None:
 
 
 def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    """The bytes of the files under ``path``, without the temporary directory's owner file (it holds a PID,
+    whose length would make the recorded size differ from run to run)."""
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs if f != OWNER)
 
 
 def task_names(cfg) -> list[str]:
