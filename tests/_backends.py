@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from fastmerge import env, ops  # noqa: F401 - ops: every op file registers its reference kernel
 from fastmerge.backends import get_backend
 
 
@@ -23,6 +24,14 @@ def backend_device(name: str) -> str | None:
     return "cpu"
 
 
+def device_or_skip(name: str) -> str:
+    """backend_device, or a skip of the test when the backend cannot run here."""
+    dev = backend_device(name)
+    if dev is None:
+        pytest.skip(f"backend {name} cannot run here")
+    return dev
+
+
 def dtypes_for(name: str, device: str):
     """fp32/fp16/bf16, except that the Triton interpreter cannot run bf16."""
     if name == "triton" and device == "cpu":
@@ -36,4 +45,14 @@ def backend_param(name: str):
 
 
 # the reference adapter too: it checks the fill-the-outputs wrappers of the fallback
-NATIVE = [backend_param(n) for n in ("reference", "cpp", "cuda", "triton")]
+NATIVE = [backend_param(n) for n in env.BACKENDS]
+
+
+def backends_for(op: str) -> list:
+    """A ``backend`` parametrisation over every backend that registers a kernel of ``op``."""
+    return [backend_param(n) for n in env.BACKENDS if op in get_backend(n).ops]
+
+
+def kernel(backend: str, op: str):
+    """``backend``'s kernel of ``op``, called directly (no dispatcher, no checks, no allocation)."""
+    return get_backend(backend).fn(op)

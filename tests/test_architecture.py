@@ -5,6 +5,7 @@ is still a cycle of responsibilities) and fails on any strongly connected compon
 """
 
 import ast
+import glob
 import importlib.machinery
 import os
 
@@ -179,3 +180,36 @@ def test_only_the_methods_know_their_names():
                 if consts:
                     hits.append(f"{rel}:{node.lineno} compares with {consts[0].value!r}")
     assert not hits, hits
+
+
+def test_one_file_per_op_and_kernels_named_after_it():
+    """Every op has exactly one file in fastmerge/ops/ defining its schema (``SCHEMA = "<op>(...)"``) and its
+    oracle ``<op>_ref``, and that file is named after it; every kernel a native or Triton backend registers has a
+    source named after its op (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu, kernels/<op>.py), and every such source is
+    registered."""
+    from fastmerge import ops
+    from fastmerge.backends import get_backend
+
+    root = os.path.dirname(PKG)
+    schemas, oracles = {}, {}
+    for path in sorted(glob.glob(os.path.join(PKG, "ops", "*.py"))):
+        for node in ast.parse(open(path).read(), path).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SCHEMA" for t in node.targets):
+                schema = ast.literal_eval(node.value)
+                schemas.setdefault(schema.partition("(")[0], []).append(os.path.basename(path))
+            elif isinstance(node, ast.FunctionDef) and node.name.endswith("_ref"):
+                oracles.setdefault(node.name.removesuffix("_ref"), []).append(os.path.basename(path))
+    assert sorted(schemas) == sorted(ops.OPS), sorted(set(schemas) ^ set(ops.OPS))
+    for op in ops.OPS:
+        assert schemas[op] == [f"{op}.py"], (op, schemas[op])
+        assert oracles.get(op) == [f"{op}.py"], (op, oracles.get(op))
+    sources = {"cpp": "csrc/cpu/{}.cpp", "cuda": "csrc/cuda/{}.cu", "triton": "kernels/{}.py"}
+    python_kernels = {("cpp", "orth_project")}  # ATen's BLAS, in fastmerge/backends/cpp.py
+    for backend, pattern in sources.items():
+        registered = get_backend(backend).ops
+        for op in sorted(registered - {op for b, op in python_kernels if b == backend}):
+            src = pattern.format(op)
+            assert os.path.isfile(os.path.join(root, src)), f"{backend} has a kernel of {op}, no {src}"
+        named = {os.path.basename(p).partition(".")[0] for p in glob.glob(os.path.join(root, pattern.format("*")))}
+        unregistered = (named & set(ops.OPS)) - registered
+        assert not unregistered, f"{backend} registers no kernel of {sorted(unregistered)}, its sources do"

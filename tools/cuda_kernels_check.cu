@@ -2,12 +2,12 @@
 // explicitly instantiates every kernel for every element-type combination the launchers use. Compiled (not
 // linked, not run) by tools/check_cuda.py.
 #include "../csrc/cuda/kernels/common.cuh"
-#include "../csrc/cuda/kernels/emr.cuh"
-#include "../csrc/cuda/kernels/histogram.cuh"
-#include "../csrc/cuda/kernels/sign_consensus.cuh"
-#include "../csrc/cuda/kernels/sparsify.cuh"
+#include "../csrc/cuda/kernels/abs_histogram.cuh"
+#include "../csrc/cuda/kernels/emr_elect.cuh"
+#include "../csrc/cuda/kernels/prune.cuh"
+#include "../csrc/cuda/kernels/row_kth_largest_abs.cuh"
 #include "../csrc/cuda/kernels/tall.cuh"
-#include "../csrc/cuda/kernels/threshold.cuh"
+#include "../csrc/cuda/kernels/ties_merge.cuh"
 
 namespace fm = fastmerge::cuda;
 using fm::EmrArgs;

@@ -1,8 +1,8 @@
-// Internal helpers of the CPU kernels (csrc/cpu/*.cpp): dtype conversion, thread partitioning, argument
+// Internal helpers of the CPU kernels (csrc/cpu/<op>.cpp): dtype conversion, thread partitioning, argument
 // checks, instruction-set selection. Not part of the public interface (see ops.h). The helpers whose speed
 // depends on the instruction set (block loads/stores, Philox blocks) are in block_ops.inc.
 //
-// Numerics: every kernel converts its inputs to fp32, does the arithmetic of fastmerge/reference.py in the
+// Numerics: every kernel converts its inputs to fp32, does the arithmetic of its oracle (fastmerge/ops/<op>.py) in the
 // same fp32 expression order, and writes outputs with torch's round-to-nearest-even conversions (the
 // c10::Half / c10::BFloat16 constructors). Vectorised IEEE add/mul/div/compare are exact per element, so
 // every instruction-set variant gives bit-identical results; fused multiply-add is never used.
@@ -50,6 +50,12 @@ namespace cpu {
 // Elements per inner block: small enough that a few fp32 block buffers (and T of them in the consensus
 // kernels) stay in L1/L2, large enough to amortise per-block overhead.
 constexpr int64_t kBlock = 1024;
+
+// The multi-expert kernels (ties_merge.inc, tall.inc, emr_elect.inc) stream their inputs once: each thread walks
+// its contiguous share of the elements in blocks of kBlock; per block it converts the inputs to fp32 block buffers
+// (T of them where the election needs all tasks before the merge), does the fp32 arithmetic of the reference in the
+// same order (tasks t = 0..T-1), and writes the outputs. Per-element work is independent, so results do not depend
+// on the thread count; counts and stats are per-thread partials added at the end.
 
 // ---- dtype conversion ----------------------------------------------------------------------------------
 
@@ -148,6 +154,15 @@ inline int64_t check_experts(const OptTensor& base, const std::vector<at::Tensor
 
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// The experts' data pointers (checked contiguous, of dtype T).
+template <typename T>
+std::vector<const T*> expert_ptrs(const std::vector<at::Tensor>& experts) {
+  std::vector<const T*> v;
+  v.reserve(experts.size());
+  for (const auto& e : experts) v.push_back(e.data_ptr<T>());
+  return v;
+}
+
 // ---- threads ---------------------------------------------------------------------------------------------
 
 // Threads for `work` units when one thread should get at least `grain` units (respects torch.set_num_threads).
@@ -196,6 +211,24 @@ struct Scratch {
   }
 };
 
+// ---- flat parameters cut into segments (tv_combine, tv_coef_grad) -----------------------------------------
+
+struct Chunk {
+  int64_t seg, begin, end;
+};
+
+// Segments (offsets[s]..offsets[s+1]) cut into chunks of at most kLen elements, never straddling a segment, so
+// every chunk has one coefficient per task and its partial sums belong to one segment.
+inline std::vector<Chunk> segment_chunks(const at::Tensor& offsets) {
+  constexpr int64_t kLen = 1 << 14;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t S = offsets.numel() - 1;
+  std::vector<Chunk> out;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t b = off[s]; b < off[s + 1]; b += kLen) out.push_back({s, b, std::min(off[s + 1], b + kLen)});
+  return out;
+}
+
 // ---- small numeric helpers matching torch ------------------------------------------------------------
 
 // Written as selects (no bool -> int -> float conversions, no short-circuit branches) so that loops using
@@ -241,7 +274,7 @@ inline Isa isa() {
 #endif
 }
 
-// Philox4x32-10 blocks g0 .. g0 + ng - 1 of stream (seed, key) into words[4q .. 4q + 3] (philox_cpu.cpp):
+// Philox4x32-10 blocks g0 .. g0 + ng - 1 of stream (seed, key) into words[4q .. 4q + 3] (philox.cpp):
 // the one hot spot of the random drops, so it has its own AVX-512 variant.
 using PhiloxGroupsFn = void (*)(uint64_t g0, int64_t ng, uint64_t seed, uint64_t key, uint32_t* words);
 PhiloxGroupsFn philox_groups_fn(Isa isa);

@@ -1,4 +1,4 @@
-// Host-side helpers of the CUDA launchers (csrc/cuda/*.cu): argument checks, dtype dispatch to the device
+// Host-side helpers of the CUDA launchers (csrc/cuda/<op>.cu): argument checks, dtype dispatch to the device
 // element types, alignment tests, grid sizing from the SM count and occupancy.
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers), so
@@ -151,6 +151,27 @@ inline const float* host_floats(const at::Tensor& t, const char* name, int64_t n
   TORCH_CHECK(t.numel() == numel && t.is_contiguous(), name, ": must be a contiguous tensor of ", numel,
               " elements, got ", t.numel());
   return t.data_ptr<float>();
+}
+
+
+// ---- the multi-expert launchers ----------------------------------------------------------------------------
+
+// Whether every expert (and base) is 16-byte aligned (then every 8-element chunk is).
+inline bool experts_aligned(const OptTensor& base, const std::vector<at::Tensor>& experts) {
+  bool ok = !base.has_value() || is_aligned(base->data_ptr(), 16);
+  for (const at::Tensor& e : experts) ok = ok && is_aligned(e.data_ptr(), 16);
+  return ok;
+}
+
+// The bool masks [T, n]: 8-byte stores need every row start t * n aligned.
+inline bool masks_aligned(const at::Tensor& masks, int64_t n) { return is_aligned(masks.data_ptr(), 8) && n % 8 == 0; }
+
+inline void check_masks(const at::Tensor& masks, int T, int64_t n, const at::Device& dev) {
+  TORCH_CHECK(masks.defined() && masks.is_cuda() && masks.device() == dev,
+              "masks: must be on the experts' CUDA device");
+  TORCH_CHECK(masks.scalar_type() == at::kBool, "masks: dtype must be bool, got ", masks.scalar_type());
+  TORCH_CHECK(masks.numel() == static_cast<int64_t>(T) * n && masks.is_contiguous(),
+              "masks: must be a contiguous tensor of T * numel = ", static_cast<int64_t>(T) * n, " elements");
 }
 
 }  // namespace cuda

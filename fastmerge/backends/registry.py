@@ -2,7 +2,7 @@
 
 A backend is a :class:`Backend` created in its own module, which registers itself in ``BACKENDS`` and declares
 what it cannot do (devices, dtypes, expert count, why it cannot run on this machine); its kernels register
-themselves with :meth:`Backend.kernel`, so its op set is whatever was registered, named nowhere else.
+themselves with :meth:`Backend.kernel`, so a backend's op set is what it registered, not a list kept here.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ import torch
 
 from ..backends import select
 from ..backends.reference import REFERENCE
-from ._checks import check_float, check_same, expert_list
+from ._checks import check_float, check_same
 from ._lib import contig, deltas, empty, host_floats, into, register, task_sum
-from .tall_masks import check_inputs, lambda_table, tall_masks_ref
+from .tall_masks import check_inputs, tall_inputs, tall_masks_ref
 
 SCHEMA = ("consensus_merge(Tensor? base, Tensor[] experts, Tensor lambdas, Tensor? mtl, int min_count, float lam, "
           "Tensor(a!) out) -> ()")
@@ -34,8 +34,7 @@ register(SCHEMA, _check, _run)
 def consensus_merge(base, experts, lambdas, mtl=None, *, min_count: int = 2, lam: float = 1.0,
                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """base + lam * [#TALL masks >= min_count] * mtl, fused (no mask is stored)."""
-    experts = expert_list(experts)
-    lamt = lambda_table(lambdas, len(experts))
+    experts, lamt = tall_inputs(experts, lambdas)
     out = empty(experts[0].shape, out_dtype or experts[0].dtype, experts[0].device)
     torch.ops.fastmerge.consensus_merge(base, experts, lamt, mtl, int(min_count), float(lam), out)
     return out

@@ -45,18 +45,9 @@ def _rows(v, rows: int, device) -> torch.Tensor:
     return torch.full((rows,), float(v), dtype=torch.float32, device=device)
 
 
-def prune(
-    x: torch.Tensor,
-    lo: float | torch.Tensor = 0.0,
-    hi: float | torch.Tensor = math.inf,
-    *,
-    p: float = 0.0,
-    seed: int = 0,
-    key: int = 0,
-    offset: int = 0,
-    scale: float = 1.0,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prune(x: torch.Tensor, lo: float | torch.Tensor = 0.0, hi: float | torch.Tensor = math.inf, *, p: float = 0.0,
+          seed: int = 0, key: int = 0, offset: int = 0, scale: float = 1.0,
+          out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x * [lo <= |x| < hi] * [u >= p] * scale, and fp64 [sum |x|, sum |kept|].
 
     lo/hi: floats (per tensor) or fp32 tensors of one value per row of the last dimension.
@@ -72,17 +63,9 @@ def prune(
     return out, stats
 
 
-def prune_ref(
-    x: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    p: float = 0.0,
-    seed: int = 0,
-    key: int = 0,
-    offset: int = 0,
-    scale: float = 1.0,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_ref(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float = 0.0, seed: int = 0, key: int = 0,
+              offset: int = 0, scale: float = 1.0,
+              out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Magnitude band + random drop, then rescale: magnitude prune, Breadcrumbs and DARE in one op.
 
     x: any shape, viewed as (R, numel/R) where R = lo.numel() = hi.numel() (R = 1: per tensor, R = rows:

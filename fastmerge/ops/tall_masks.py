@@ -36,15 +36,16 @@ def _run(base, experts, lambdas, mtl, masks) -> None:
 register(SCHEMA, _check, _run)
 
 
-def lambda_table(lambdas, n: int) -> torch.Tensor:
-    """One lambda per expert (a scalar is broadcast) as the fp32 (T,) table of the TALL ops."""
-    return torch.as_tensor(lambdas, dtype=torch.float32).reshape(-1).expand(n).contiguous()
+def tall_inputs(experts, lambdas) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The experts of a TALL op's wrapper as a list, and one lambda per expert (a scalar is broadcast) as the
+    fp32 (T,) table of its schema."""
+    experts = expert_list(experts)
+    return experts, torch.as_tensor(lambdas, dtype=torch.float32).reshape(-1).expand(len(experts)).contiguous()
 
 
 def tall_masks(base, experts, lambdas, mtl=None) -> torch.Tensor:
     """TALL masks, bool (T, *shape): |delta_t| > lambda_t * |mtl - delta_t| (mtl = sum of deltas by default)."""
-    experts = expert_list(experts)
-    lam = lambda_table(lambdas, len(experts))
+    experts, lam = tall_inputs(experts, lambdas)
     masks = empty((len(experts), *experts[0].shape), torch.bool, experts[0].device)
     torch.ops.fastmerge.tall_masks(base, experts, lam, mtl, masks)
     return masks

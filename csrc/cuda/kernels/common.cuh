@@ -2,7 +2,7 @@
 // vectors when aligned, scalar otherwise), Philox words for a chunk, NaN-propagating max, reductions.
 // Torch-free: raw pointers only, so every kernel header compiles with plain nvcc.
 //
-// Numerics (the contract is fastmerge/reference.py):
+// Numerics (the contract is the oracles, fastmerge/ops/<op>.py):
 //  * inputs are widened to fp32 exactly (half: __half2float, bf16: bits << 16);
 //  * every fp32 operation that mirrors a reference tensor op is written with the explicit round-to-nearest
 //    intrinsics __fadd_rn / __fsub_rn / __fmul_rn / __fdiv_rn. nvcc contracts a*b+c into an FMA by default

@@ -1,4 +1,4 @@
-// TALL masks and consensus merging (fastmerge/reference.py::tall_masks, ::consensus_merge):
+// TALL masks and consensus merging (fastmerge/ops/tall_masks.py, consensus_merge.py):
 //   d_t = expert_t - base, mtl = sum_t d_t (t in order, fp32) unless given,
 //   m_t = |d_t| > lambda_t * |mtl - d_t|,
 //   consensus: out = base + lam * (mtl * [sum_t m_t >= min_count]).

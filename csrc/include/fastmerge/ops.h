@@ -1,4 +1,4 @@
-// Host entry points of the fastmerge extension. Semantics: fastmerge/reference.py (the oracle); the
+// Host entry points of the fastmerge extension. Semantics: fastmerge/ops/<op>.py (the oracles); the
 // Python adapters in fastmerge/backends/ validate arguments, make inputs contiguous and allocate outputs,
 // so these functions receive contiguous tensors of checked shapes and dtypes and only fill outputs.
 #pragma once

@@ -1,5 +1,5 @@
 // Counter-based random numbers shared by the CPU and CUDA kernels (and mirrored by the Triton kernels and
-// fastmerge/reference.py::philox_uniform). Philox4x32-10, Salmon et al., "Parallel random numbers: as easy
+// fastmerge/ops/philox.py::philox_uniform). Philox4x32-10, Salmon et al., "Parallel random numbers: as easy
 // as 1, 2, 3", SC'11. Torch-free so that nvcc can compile it on a machine without a CUDA torch.
 #pragma once
 

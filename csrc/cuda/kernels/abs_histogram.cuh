@@ -1,5 +1,5 @@
 // abs_histogram: histograms of magnitude keys key = bits(fp32(|x|)) (31 significant bits), the two passes of
-// the streaming exact top-k threshold (fastmerge/reference.py::abs_histogram).
+// the streaming exact top-k threshold (fastmerge/ops/abs_histogram.py).
 //
 // Scheme. The output has 65536 int64 bins, but a block cannot privatise 65536 32-bit counters (256 KiB of
 // shared memory; an H100 block gets at most 227 KiB). Both levels fit in 128 KiB of shared memory:

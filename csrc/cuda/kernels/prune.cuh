@@ -1,5 +1,5 @@
 // prune: magnitude band + random drop + rescale (magnitude prune, Breadcrumbs, DARE), with the L1 statistics
-// of fastmerge/reference.py::prune:
+// of fastmerge/ops/prune.py:
 //   keep = (lo_r <= |x| < hi_r) and (u >= p when p > 0),  out = (x * keep) * scale,
 //   stats += [sum |x|, sum |x * keep|] (fp64).
 // Memory-bound: each thread takes 8 consecutive elements per step (16-byte loads/stores when aligned, one or

@@ -1,5 +1,5 @@
-// Launcher of the elementwise sparsifier: prune_cuda (magnitude band + DARE drop + rescale + L1 stats).
-#include "kernels/sparsify.cuh"
+// Launcher of prune_cuda: magnitude band + DARE drop + rescale, with the L1 stats.
+#include "kernels/prune.cuh"
 #include "launch_utils.h"
 
 // Entry points are defined with qualified names, so that a signature differing from the declaration in

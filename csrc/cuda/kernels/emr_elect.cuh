@@ -1,4 +1,4 @@
-// EMR-Merging's elect / mask / rescale statistics (fastmerge/reference.py::emr_elect):
+// EMR-Merging's elect / mask / rescale statistics (fastmerge/ops/emr_elect.py):
 //   d_t = expert_t - base, flag = sum_t d_t > 0 ? +1 : -1 (t in order, fp32; a zero or NaN sum gives -1),
 //   agree_t = d_t * flag > 0, tau_uni = flag * max_t (|d_t| * agree_t) (NaN-propagating, like amax),
 //   stats[t] += [sum |d_t|, sum |tau_uni| * agree_t] (fp64).

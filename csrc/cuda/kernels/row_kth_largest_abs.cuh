@@ -1,4 +1,4 @@
-// row_kth_largest_abs: the k-th largest |x| of every row (fastmerge/reference.py::row_kth_largest_abs), by a
+// row_kth_largest_abs: the k-th largest |x| of every row (fastmerge/ops/row_kth_largest_abs.py), by a
 // radix select on magnitude keys (bits of fp32(|x|); integer order == numeric order, NaN above +inf) over
 // four 8-bit digits, most significant first. No sort.
 //

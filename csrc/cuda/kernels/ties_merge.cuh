@@ -1,4 +1,4 @@
-// ties_merge: fused trim / drop / elect / disjoint merge (fastmerge/reference.py::ties_merge), one pass over
+// ties_merge: fused trim / drop / elect / disjoint merge (fastmerge/ops/ties_merge.py), one pass over
 // the experts with no T x N temporaries.
 //
 // Per element and task t (fp32, t = 0 .. T-1 in order, every operation rounded as the reference's tensor op):
