@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, MergeConfig, layer_index, layer_t
+from ..config import MergeConfig, layer_index, layer_t
 from ..io import SIDE_FILES, Checkpoint, CheckpointError
 from ..methods import Method, resolve
 from .jobs import Job
@@ -147,6 +147,4 @@ def build(cfg: MergeConfig, method: Method, ckpts: list[Checkpoint]) -> list[Job
         shared, per_input = resolve_one(name, layer_t(name, L))
         out_dtype = cfg.out_dtype or cfg.dtype or ti.dtype
         jobs.append(Job(name, ti.shape, infos, True, out_dtype, shared, tuple(per_input)))
-    if method.fn is None and not method.store:
-        raise ConfigError(f"merge_method {method.name} cannot run through the engine")
     return jobs
