@@ -184,9 +184,9 @@ def test_only_the_methods_know_their_names():
 
 def test_one_file_per_op_and_kernels_named_after_it():
     """Every op has exactly one file in fastmerge/ops/ defining its schema (``SCHEMA = "<op>(...)"``) and its
-    oracle ``<op>_ref``, and that file is named after it; every kernel a native or Triton backend registers has a
-    source named after its op (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu, kernels/<op>.py), and every such source is
-    registered."""
+    oracle ``<op>_ref``, and that file is named after it, as is its test file tests/ops/test_<op>.py; every
+    kernel a native or Triton backend registers has a source named after its op (csrc/cpu/<op>.cpp,
+    csrc/cuda/<op>.cu, kernels/<op>.py), and every such source is registered."""
     from fastmerge import ops
     from fastmerge.backends import get_backend
 
@@ -203,6 +203,8 @@ def test_one_file_per_op_and_kernels_named_after_it():
     for op in ops.OPS:
         assert schemas[op] == [f"{op}.py"], (op, schemas[op])
         assert oracles.get(op) == [f"{op}.py"], (op, oracles.get(op))
+        test = os.path.join("tests", "ops", f"test_{op}.py")
+        assert os.path.isfile(os.path.join(root, test)), f"{op} has no {test}"
     sources = {"cpp": "csrc/cpu/{}.cpp", "cuda": "csrc/cuda/{}.cu", "triton": "kernels/{}.py"}
     python_kernels = {("cpp", "orth_project")}  # ATen's BLAS, in fastmerge/backends/cpp.py
     for backend, pattern in sources.items():

@@ -1,12 +1,10 @@
-"""DOGE: the fused step kernels on every backend against their oracles, the batched closed-form optimiser
-against the sequential autograd reference written from the spec (tests/peers.py), and doge_ta / doge_am
-through `fastmerge merge`."""
+"""DOGE: the batched closed-form optimiser against the sequential autograd reference written from the spec
+(tests/peers.py), and doge_ta / doge_am through `fastmerge merge` (its step kernels: tests/ops)."""
 
 import os
 
 import pytest
 import torch
-from _backends import NATIVE, backend_device
 from _models import save_hf
 from peers import official_doge
 from safetensors.torch import load_file
@@ -14,83 +12,8 @@ from safetensors.torch import load_file
 import fastmerge
 from fastmerge import ops
 from fastmerge.algo import doge
-from fastmerge.backends import get_backend
 from fastmerge.config import ConfigError
 from fastmerge.methods.doge import DEFAULTS, official_layer
-from fastmerge.ops.adam_step import adam_step_ref
-from fastmerge.ops.doge_grad import doge_grad_ref
-
-
-def _dev(name):
-    d = backend_device(name)
-    if d is None:
-        pytest.skip(f"backend {name} cannot run here")
-    return d
-
-
-# ---------------------------------------------------------------------------------------------------------
-# kernels
-
-
-@pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 5), (3, 2, 33, 130), (1, 5, 4, 9000)], ids=str)
-def test_doge_grad_backends(backend, shape):
-    dev = _dev(backend)
-    g = torch.Generator().manual_seed(sum(shape))
-    B, T, M, N = shape
-    taus = torch.randn(B, T, M, N, generator=g)
-    a = torch.randn(B, T, M, generator=g)
-    d = torch.randn(B, M, N, generator=g) * 0.1
-    out = torch.empty(B, M, N, device=dev)
-    get_backend(backend).fn("doge_grad")(taus.to(dev), a.to(dev), d.to(dev), out)
-    torch.testing.assert_close(out.cpu(), doge_grad_ref(taus, a, d), rtol=2e-5, atol=2e-4)
-
-
-@pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize(("S", "repeat", "inner"), [(1, 1, 1), (3, 1, 1001), (6, 3, 37), (4, 4, 5)])
-def test_adam_step_backends(backend, S, repeat, inner):
-    dev = _dev(backend)
-    g = torch.Generator().manual_seed(S * inner + repeat)
-    p0 = torch.randn(S, inner, generator=g)
-    grad = torch.randn(S // repeat, inner, generator=g)
-    scale = torch.rand(S, generator=g) + 0.5
-    want = [p0.clone(), torch.zeros(S, inner), torch.zeros(S, inner)]
-    got = [t.to(dev) for t in want]
-    for step in (1, 2, 3):
-        adam_step_ref(*want[:1], grad, want[1], want[2], scale, repeat, 1e-3, 0.9, 0.999, 1e-8, step)
-        get_backend(backend).fn("adam_step")(got[0], grad.to(dev), got[1], got[2], scale.to(dev), repeat, 1e-3, 0.9,
-                                             0.999, 1e-8, step)
-    for w, x in zip(want, got, strict=True):
-        torch.testing.assert_close(x.cpu(), w, rtol=1e-6, atol=1e-7)
-
-
-def test_adam_step_matches_torch_optim():
-    p = torch.randn(2, 50)
-    q = p.clone().requires_grad_(True)
-    opt = torch.optim.Adam([q], lr=1e-2)
-    m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
-    for step in range(1, 6):
-        grad = torch.randn(2, 50)
-        opt.zero_grad()
-        q.grad = grad.clone()
-        opt.step()
-        ops.adam_step(p, grad, m1, m2, torch.ones(2), lr=1e-2, step=step)
-    torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-7)
-
-
-def test_doge_ops_opcheck_and_errors():
-    taus, a, d = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5), torch.randn(2, 5, 4)
-    torch.library.opcheck(torch.ops.fastmerge.doge_grad.default, (taus, a, d, torch.empty(2, 5, 4)))
-    p, gr = torch.randn(4, 6), torch.randn(2, 6)
-    torch.library.opcheck(torch.ops.fastmerge.adam_step.default,
-                          (p, gr, torch.zeros(4, 6), torch.zeros(4, 6), torch.ones(4), 2, 1e-3, 0.9, 0.999, 1e-8, 1))
-    with pytest.raises(RuntimeError, match="a must have shape"):
-        ops.doge_grad(taus, a[:, :2], d)
-    with pytest.raises(RuntimeError, match="grad must have shape"):
-        ops.adam_step(p, gr, torch.zeros(4, 6), torch.zeros(4, 6), torch.ones(4), repeat=1, lr=1e-3, step=1)
-    with pytest.raises(RuntimeError, match="float32"):
-        ops.doge_grad(taus.double(), a, d)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # the optimiser against the sequential autograd reference
