@@ -62,8 +62,7 @@ def delta(x: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None =
         return x.float() if out is None else out.copy_(x)
     if out is not None and x.dtype == base.dtype == out.dtype and x.device == base.device == out.device:
         return torch.sub(x, base, out=out)
-    return ops.ties_merge(None, [x, base], ops.ties_params(2, weights=[1.0, -1.0]), elect="none", merge="sum",
-                          out_dtype=torch.float32 if out is None else out.dtype, out=out)[0]
+    return ops.weighted_sum([x, base], [1.0, -1.0], out_dtype=torch.float32 if out is None else out.dtype, out=out)
 
 
 def magnitude_threshold_for(x: torch.Tensor, density: float, compat: str = "official") -> float:

@@ -13,9 +13,7 @@ from .registry import register
 
 def _linear(c: TensorCall) -> torch.Tensor:
     w = [p["weight"] for p in c.per_input]
-    merge = "wmean" if c.shared["normalize"] else "sum"
-    return ops.ties_merge(None, c.inputs, ops.ties_params(len(w), weights=w), elect="none", merge=merge,
-                          out_dtype=c.out_dtype)[0]
+    return ops.weighted_sum(c.inputs, w, mean=c.shared["normalize"], out_dtype=c.out_dtype)
 
 
 def _passthrough(c: TensorCall) -> torch.Tensor:
@@ -41,8 +39,7 @@ def _slerp(c: TensorCall) -> torch.Tensor:
         theta = math.acos(dot)
         st = math.sin(theta)
         ca, cb = math.sin((1 - t) * theta) / st, math.sin(t * theta) / st
-    w = ops.ties_params(2, weights=[ca, cb])
-    return ops.ties_merge(None, [v0, v1], w, elect="none", merge="sum", out_dtype=c.out_dtype)[0]
+    return ops.weighted_sum([v0, v1], [ca, cb], out_dtype=c.out_dtype)
 
 
 register(

@@ -21,7 +21,7 @@ def _mtl(c: TensorCall, ties: bool) -> torch.Tensor | None:
     deltas = [sign_consensus.delta(x, c.base) for x in c.experts]
     T = len(deltas)
     if not ties:
-        return ops.ties_merge(None, deltas, ops.ties_params(T), elect="none", merge="sum")[0]
+        return ops.weighted_sum(deltas)
     lo = c.stats.get("lo")
     zero_sign = c.stats.get("zero_sign")
     if lo is None:

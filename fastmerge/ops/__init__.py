@@ -32,7 +32,7 @@ from .abs_histogram import abs_histogram
 from .row_kth_largest_abs import row_kth_largest_abs
 from .prune import prune
 from .della_prune import della_prune
-from .ties_merge import ELECT, MERGE, ties_merge, ties_params
+from .ties_merge import ELECT, MERGE, ties_merge, ties_params, weighted_sum
 from .tall_masks import tall_masks
 from .consensus_merge import consensus_merge
 from .emr_elect import emr_elect
@@ -71,4 +71,5 @@ __all__ = [
     "to_i64",
     "tv_coef_grad",
     "tv_combine",
+    "weighted_sum",
 ]

@@ -209,3 +209,14 @@ def _reference(base, experts, params, out, counts, seed, key, offset, elect, mer
     if out is not None:
         out.copy_(res)
     counts += c.to(counts.device)
+
+
+def weighted_sum(inputs: list[torch.Tensor], weights=None, *, mean: bool = False,
+                 out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i x_i in fp32, rounded once into ``out_dtype`` (default: the first input's dtype); ``mean``
+    divides by sum_i w_i. One pass over the inputs on ties_merge's kernel with nothing trimmed or elected (the
+    linear / slerp / task-vector maths, where a chain of torch ops would round after every step)."""
+    inputs = expert_list(inputs)
+    params = ties_params(len(inputs), weights=weights)
+    return ties_merge(None, inputs, params, elect="none", merge="wmean" if mean else "sum", out_dtype=out_dtype,
+                      out=out)[0]

@@ -364,3 +364,19 @@ def test_triton_ties_merge_special_values(elect, merge):
     experts = [sv[torch.randperm(sv.numel(), generator=g).to(tri.DEV)].repeat(5) for _ in range(3)]
     params = torch.tensor([[1.0, 0.0, INF, 0.0, 1.0], [-2.0, 0.0, INF, 0.3, 1.0], [0.5, 0.5, INF, 0.0, 2.0]])
     _run_ties(None, experts, params, elect=elect, merge=merge, welect=elect == "count", lam=1.0)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weighted_sum_is_one_fp32_pass_rounded_once(dtype, mean):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(37, 53, generator=g).to(dtype) for _ in range(3)]
+    w = [0.3, -1.25, 0.7]
+    acc = sum(wi * x.float() for wi, x in zip(w, xs, strict=True))
+    want = acc / sum(w) if mean else acc
+    assert torch.equal(ops.weighted_sum(xs, w, mean=mean), want.to(dtype))
+    assert torch.equal(ops.weighted_sum(xs, w, mean=mean, out_dtype=torch.float32), want)
+    out = torch.empty(53, 37, dtype=dtype).mT  # a strided output buffer is filled in place
+    assert ops.weighted_sum(xs, w, mean=mean, out=out) is out
+    assert torch.equal(out, want.to(dtype))
+    assert torch.equal(ops.weighted_sum(xs[:1]), xs[0])  # weights default to 1
