@@ -8,8 +8,9 @@ from . import _native
 from .registry import HALF, Backend
 
 CPP = Backend("cpp", ("cpu",), HALF, unavailable=lambda: _native.ERROR)
-_native.bind(CPP, "cpu", ("abs_histogram", "row_kth_largest_abs", "prune", "della_prune", "ties_merge", "tall_masks",
-                          "consensus_merge", "emr_elect", "doge_grad", "adam_step", "tv_combine", "tv_coef_grad"))
+_native.bind(CPP, "cpu", ("abs_histogram", "row_kth_largest_abs", "order_window", "prune", "della_prune", "ties_merge",
+                          "tall_masks", "consensus_merge", "emr_elect", "doge_grad", "adam_step", "tv_combine",
+                          "tv_coef_grad"))
 
 
 @CPP.kernel("orth_project")

@@ -1,10 +1,12 @@
 """Generalised task arithmetic (mergekit's ``generalized_task_arithmetic``): sparsify each task vector
 (magnitude, random/DARE, outliers/breadcrumbs, DELLA), weight it, optionally elect signs (TIES), combine.
 
-With the default ``compat: mergekit`` the maths is mergekit 0.1.5's, in fp32 and rounded once. The randomised
-sparsifiers draw from fastmerge's counter-based Philox stream keyed by (seed, tensor name, task), so a merge
-is bit-identical on every backend and independent of the tensor order; mergekit's ``torch.bernoulli`` can
-only be matched statistically. ``ties`` also follows ``fastmerge.compat`` (official / fusionbench / peft,
+With the default ``compat: mergekit`` every deterministic configuration (no sparsification, magnitude,
+outliers, or a density that leaves nothing to chance) runs mergekit 0.1.5's arithmetic in the inputs' dtype
+and gives its bytes (_mergekit). The randomised sparsifiers run the fused fp32 kernels, rounded once, and draw
+from fastmerge's counter-based Philox stream keyed by (seed, tensor name, task), so a merge is bit-identical on
+every backend and independent of the tensor order; mergekit's ``torch.bernoulli`` can only be matched
+statistically. ``ties`` also follows ``fastmerge.compat`` (official / fusionbench / peft,
 fastmerge.algo.ties) and, like ``magnitude_prune``, ``fastmerge.trim: global`` (whole-model thresholds from a
 streaming pass).
 """
@@ -46,6 +48,9 @@ class GTA:
         compat = c.options.get("compat", "mergekit")
         if compat != "mergekit" and self.sparsify == "magnitude" and self.consensus:
             return self._ties_compat(c, compat)
+        if compat == "mergekit" and c.stats.get("lo") is None and (
+                self.sparsify in (None, "magnitude", "outliers") or all(p["density"] >= 1 for p in prm)):
+            return _mergekit(self, c)
         T = len(experts)
         w = [p["weight"] for p in prm]
         lo, hi, drop, scale = [0.0] * T, [math.inf] * T, [0.0] * T, [1.0] * T
@@ -121,6 +126,85 @@ class GTA:
         return sign_consensus.ties(c.base, c.experts, [p["density"] for p in prm], weights=[p["weight"] for p in prm],
                               lam=c.shared["lambda"], compat=compat, normalize=c.shared["normalize"],
                               zero_sign=zero_sign, out_dtype=c.out_dtype)
+
+
+def _mergekit(g: GTA, c: TensorCall) -> torch.Tensor:
+    """mergekit's own arithmetic, operation for operation in the inputs' dtype (bf16 rounding of every
+    intermediate included), with its exact-k magnitude masks in its sort's tie order (ops.order_window, no sort):
+    the same bytes as mergekit for every deterministic configuration. The task vectors are a (T, ...) stack, as
+    in mergekit, but every step that can is done in place (a product with a 0/1 mask is the same in place or
+    not), so the working set is the stack plus one 0/1 stack. The fp32 fused path (GTA.__call__) serves the
+    randomised sparsifiers."""
+    base, prm, sh = c.base, c.expert_params, c.shared
+    deltas = base.new_empty((len(prm), *base.shape))
+    for t, (x, p) in enumerate(zip(c.experts, prm, strict=True)):
+        if x.dtype == base.dtype:
+            delta = torch.sub(x, base, out=deltas[t])
+        else:  # mergekit subtracts with type promotion and sparsifies the promoted task vector
+            delta = x - base
+        if g.sparsify is not None and p["density"] < 1:
+            _mergekit_sparsify(delta, g.sparsify, p, sh["rescale"])
+        if delta.data_ptr() != deltas[t].data_ptr():
+            deltas[t] = delta
+        del delta
+    w = torch.tensor([p["weight"] for p in prm], dtype=deltas.dtype, device=deltas.device)
+    w = w.reshape(-1, *([1] * base.dim()))
+    deltas.mul_(w)
+    if g.consensus:  # keep a delta iff its sign is the majority sign of the vote (>= 0: positive)
+        pos = deltas.sum(dim=0) >= 0
+        keep = deltas > 0
+        keep.logical_and_(pos)
+        neg = deltas < 0
+        neg.logical_and_(pos.logical_not_())
+        keep.logical_or_(neg)
+        del neg, pos
+        mask = keep.to(deltas.dtype)
+        del keep
+        deltas.mul_(mask)
+        mixed = deltas.sum(dim=0)
+        del deltas
+        divisor = mask.mul_(w).sum(dim=0)
+        del mask
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        del deltas
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if sh["normalize"]:
+        mixed /= divisor
+    if sh["lambda"] != 1:
+        mixed *= sh["lambda"]
+    return mixed.add_(base).to(c.out_dtype)  # mixed is in base's dtype: mergekit's (base + mixed).to(base.dtype)
+
+
+def _mergekit_sparsify(delta: torch.Tensor, kind: str, p: dict, rescale: bool) -> None:
+    """mergekit's magnitude / magnitude_outliers sparsification of one task vector (density < 1), in place: a
+    mask of an exact window of its magnitude order, then the optional L1 rescale, in delta's dtype."""
+    n = delta.numel()
+    if kind == "magnitude":
+        if p["density"] <= 0 or n == 0:
+            delta.zero_()
+            return
+        start, stop = 0, max(1, int(p["density"] * n))
+        descending = True
+    else:  # outliers: drop the int(gamma * n) largest, keep the next int(density * n)
+        target, n_top = int(p["density"] * n), int(p["gamma"] * n)
+        start = max(0, n - target - n_top)
+        stop, descending = start + target, False
+    if delta.device.type == "cpu":
+        keep = ops.order_window(delta, start, stop, descending=descending)
+    else:  # mergekit's GPU order: torch's device sort of |delta| in its own dtype
+        order = torch.sort(delta.abs().reshape(-1), descending=descending).indices[start:stop]
+        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        keep[order] = True
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(keep.reshape(delta.shape))
+    del keep
+    if rescale:
+        after = delta.abs().sum()
+        if not (before < 1e-7 or after < 1e-7):
+            delta.mul_(before / after)
 
 
 def _bf16_cut(v: float) -> float:

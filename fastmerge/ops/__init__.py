@@ -30,6 +30,7 @@ from .philox import name_key, to_i64
 # isort: off
 from .abs_histogram import abs_histogram
 from .row_kth_largest_abs import row_kth_largest_abs
+from .order_window import order_window
 from .prune import prune
 from .della_prune import della_prune
 from .ties_merge import ELECT, MERGE, ties_merge, ties_params, weighted_sum
@@ -62,6 +63,7 @@ __all__ = [
     "empty",
     "magnitude_threshold",
     "name_key",
+    "order_window",
     "orth_project",
     "prune",
     "row_kth_largest_abs",

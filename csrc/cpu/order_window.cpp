@@ -1,0 +1,199 @@
+// order_window on the CPU: which elements torch.sort(|x|.float(), descending) puts at positions [start, stop).
+// Semantics: fastmerge/ops/order_window.py (order_window_ref).
+//
+// torch's CPU sort (stable=False) is libstdc++'s std::sort (introsort: median-of-three quicksort down to
+// 16-element blocks, heapsort past a depth limit, then one insertion sort over everything) on (value, index)
+// pairs with a comparator that looks at values only, so the order of equal magnitudes follows from how the
+// partitions moved them. Which elements land in the window depends only on the partitions whose range holds a
+// window boundary strictly inside: every other range ends up wholly inside or wholly outside the window, and
+// the final insertion sort never moves an element across a partition point (a right-hand element is never
+// strictly before a left-hand one). So this replays exactly those partitions, the heapsort of a range that
+// hits the depth limit, and the insertion sort of the blocks that hold a boundary: the same swaps on the same
+// data, about 2n comparisons instead of n log n, and the same tie order as the full sort.
+#include "common.h"
+
+namespace fastmerge {
+
+namespace {
+
+// The two comparators of torch's sort: NaN sorts as the largest value.
+struct Desc {
+  bool operator()(float a, float b) const { return (std::isnan(a) && !std::isnan(b)) || a > b; }
+};
+struct Asc {
+  bool operator()(float a, float b) const { return (!std::isnan(a) && std::isnan(b)) || a < b; }
+};
+
+constexpr int64_t kThreshold = 16;  // libstdc++'s _S_threshold
+
+template <typename I, typename C>
+struct Sorter {
+  float* v;
+  I* ix;
+  C comp;
+
+  void swap(int64_t a, int64_t b) {
+    std::swap(v[a], v[b]);
+    std::swap(ix[a], ix[b]);
+  }
+
+  void median_to_first(int64_t result, int64_t a, int64_t b, int64_t c) {
+    if (comp(v[a], v[b])) {
+      if (comp(v[b], v[c])) swap(result, b);
+      else if (comp(v[a], v[c])) swap(result, c);
+      else swap(result, a);
+    } else if (comp(v[a], v[c])) {
+      swap(result, a);
+    } else if (comp(v[b], v[c])) {
+      swap(result, c);
+    } else {
+      swap(result, b);
+    }
+  }
+
+  // Hoare partition of [first + 1, last) around the pivot at `first`; returns the cut.
+  int64_t partition_pivot(int64_t first, int64_t last) {
+    const int64_t mid = first + (last - first) / 2;
+    median_to_first(first, first + 1, mid, last - 1);
+    int64_t lo = first + 1, hi = last;
+    while (true) {
+      while (comp(v[lo], v[first])) ++lo;
+      --hi;
+      while (comp(v[first], v[hi])) --hi;
+      if (!(lo < hi)) return lo;
+      swap(lo, hi);
+      ++lo;
+    }
+  }
+
+  void insertion_sort(int64_t first, int64_t last) {
+    for (int64_t i = first + 1; i < last; ++i) {
+      const float val = v[i];
+      const I id = ix[i];
+      int64_t j = i;
+      if (comp(val, v[first])) {
+        for (; j > first; --j) {
+          v[j] = v[j - 1];
+          ix[j] = ix[j - 1];
+        }
+      } else {
+        for (; comp(val, v[j - 1]); --j) {
+          v[j] = v[j - 1];
+          ix[j] = ix[j - 1];
+        }
+      }
+      v[j] = val;
+      ix[j] = id;
+    }
+  }
+
+  // libstdc++'s __adjust_heap then __push_heap, on the heap at `base` of `len` elements.
+  void adjust_heap(int64_t base, int64_t hole, int64_t len, float val, I id) {
+    const int64_t top = hole;
+    int64_t child = hole;
+    while (child < (len - 1) / 2) {
+      child = 2 * (child + 1);
+      if (comp(v[base + child], v[base + child - 1])) --child;
+      v[base + hole] = v[base + child];
+      ix[base + hole] = ix[base + child];
+      hole = child;
+    }
+    if ((len & 1) == 0 && child == (len - 2) / 2) {
+      child = 2 * (child + 1);
+      v[base + hole] = v[base + child - 1];
+      ix[base + hole] = ix[base + child - 1];
+      hole = child - 1;
+    }
+    int64_t parent = (hole - 1) / 2;
+    while (hole > top && comp(v[base + parent], val)) {
+      v[base + hole] = v[base + parent];
+      ix[base + hole] = ix[base + parent];
+      hole = parent;
+      parent = (hole - 1) / 2;
+    }
+    v[base + hole] = val;
+    ix[base + hole] = id;
+  }
+
+  // std::__partial_sort(first, last, last): make_heap, then sort_heap.
+  void heap_sort(int64_t first, int64_t last) {
+    const int64_t len = last - first;
+    if (len < 2) return;
+    for (int64_t parent = (len - 2) / 2;; --parent) {
+      adjust_heap(first, parent, len, v[first + parent], ix[first + parent]);
+      if (parent == 0) break;
+    }
+    for (int64_t end = last - 1; end - first > 0; --end) {  // pop_heap(first, end, end)
+      const float val = v[end];
+      const I id = ix[end];
+      v[end] = v[first];
+      ix[end] = ix[first];
+      adjust_heap(first, 0, end - first, val, id);
+    }
+  }
+
+  // The introsort loop on the ranges that hold a boundary of [start, stop) strictly inside.
+  void run(int64_t n, int64_t start, int64_t stop) {
+    auto holds = [&](int64_t f, int64_t l) { return (f < start && start < l) || (f < stop && stop < l); };
+    int depth = 0;
+    for (int64_t m = n; m > 1; m >>= 1) ++depth;  // std::__lg(n)
+    struct Range {
+      int64_t first, last;
+      int depth;
+    };
+    std::vector<Range> todo{{0, n, 2 * depth}};
+    while (!todo.empty()) {
+      const Range r = todo.back();
+      todo.pop_back();
+      if (!holds(r.first, r.last)) continue;
+      if (r.last - r.first <= kThreshold) {
+        insertion_sort(r.first, r.last);
+      } else if (r.depth == 0) {
+        heap_sort(r.first, r.last);
+      } else {
+        const int64_t cut = partition_pivot(r.first, r.last);
+        todo.push_back({r.first, cut, r.depth - 1});
+        todo.push_back({cut, r.last, r.depth - 1});
+      }
+    }
+  }
+};
+
+template <typename T, typename I>
+void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descending, bool* out) {
+  std::vector<float> v(static_cast<size_t>(n));
+  std::vector<I> ix(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = std::fabs(cpu::to_f32(x[i]));
+    ix[i] = static_cast<I>(i);
+  }
+  if (descending) {
+    Sorter<I, Desc>{v.data(), ix.data(), Desc{}}.run(n, start, stop);
+  } else {
+    Sorter<I, Asc>{v.data(), ix.data(), Asc{}}.run(n, start, stop);
+  }
+  std::fill(out, out + n, false);
+  for (int64_t p = start; p < stop; ++p) out[ix[p]] = true;
+}
+
+}  // namespace
+
+void order_window_cpu(const at::Tensor& x, int64_t start, int64_t stop, bool descending, at::Tensor& out) {
+  const char* op = "order_window_cpu";
+  cpu::check_float3(x, op, "x");
+  const int64_t n = x.numel();
+  TORCH_CHECK(out.scalar_type() == at::kBool && out.numel() == n && out.is_contiguous() && out.device().is_cpu(),
+              op, ": out must be a contiguous CPU bool tensor of ", n, " elements");
+  TORCH_CHECK(0 <= start && start <= stop && stop <= n, op, ": need 0 <= start <= stop <= ", n, ", got [", start,
+              ", ", stop, ")");
+  bool* o = out.data_ptr<bool>();
+  FM_DISPATCH_FLOAT3(x.scalar_type(), op, [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (n <= std::numeric_limits<int32_t>::max())
+      window_impl<scalar_t, int32_t>(xp, n, start, stop, descending, o);
+    else
+      window_impl<scalar_t, int64_t>(xp, n, start, stop, descending, o);
+  });
+}
+
+}  // namespace fastmerge
