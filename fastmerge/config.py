@@ -21,6 +21,7 @@ import copy
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +192,9 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
     Relative model paths resolve against the working directory, as in mergekit, or, when nothing is there,
     against the config file's folder."""
     data, root = _load_yaml(source)
+    for key in [k for k, v in data.items() if v is None and k in UNSUPPORTED_KEYS]:
+        warnings.warn(f"config key {key!r} is null: ignored, as mergekit does", stacklevel=2)
+        del data[key]
     for key in data:
         if key in UNSUPPORTED_KEYS:
             raise ConfigError(f"config key {key!r}: {UNSUPPORTED_KEYS[key]}")

@@ -71,7 +71,9 @@ class Engine:
     """One merge: checks the config against its method, plans from the headers, runs the passes, writes."""
 
     def __init__(self, cfg: MergeConfig, *, device: str = "auto", seed: int = 0,
-                 memory_budget: int | str | None = None, out_shard_size: int | str = "5B", quiet: bool = False):
+                 memory_budget: int | str | None = None, out_shard_size: int | str = "5B", quiet: bool = False,
+                 overwrite: bool = False, copy_tokenizer: bool = True, model_card: bool = True,
+                 config_source: str | None = None):
         methods.validate(cfg)  # the method's own checks (config.load knows no method)
         self.cfg = cfg
         self.method = methods.get(cfg.method)
@@ -89,6 +91,8 @@ class Engine:
         self.out_shard_bytes = parse_size(out_shard_size)
         self.user_budget = None if memory_budget is None else parse_size(memory_budget)
         self.executor: Executor | None = None
+        self.overwrite, self.copy_tokenizer, self.model_card = overwrite, copy_tokenizer, model_card
+        self.config_source = config_source
 
     @property
     def jobs(self) -> list[Job]:
@@ -126,7 +130,7 @@ class Engine:
             if self.executor is None:
                 self.plan()
             run = self.executor
-            with OutputDir(out_dir) as od:
+            with OutputDir(out_dir, overwrite=self.overwrite) as od:
                 global_trim(run)
                 if self.method.prepare is not None:
                     t0 = time.perf_counter()
@@ -134,8 +138,11 @@ class Engine:
                     run.stages["stats"] += time.perf_counter() - t0
                 extra = (self.method.sink or sinks.write_model)(run, od)
                 written = extra.pop("bytes_written")
-                sinks.copy_side_files(run, od.tmp)
+                sinks.copy_side_files(run, od.tmp, tokenizer=self.copy_tokenizer)
                 sinks.write_record(run, od.tmp)
+                if not self.method.store:
+                    sinks.write_mergekit_files(run, od.tmp, self.config_source, card=self.model_card,
+                                               name=os.path.basename(os.path.abspath(out_dir)))
                 check_mapped()
                 od.commit()
         finally:
@@ -148,14 +155,38 @@ class Engine:
 
 
 def merge(config, out_dir: str, *, device: str = "auto", out_shard_size: int | str = "5B", seed: int = 0,
-          memory_budget: int | str | None = None, quiet: bool = False) -> MergeSummary:
+          memory_budget: int | str | None = None, quiet: bool = False, overwrite: bool = False,
+          copy_tokenizer: bool = True, model_card: bool = True) -> MergeSummary:
     """Merge the models a mergekit-style config names into ``out_dir`` (an HF safetensors directory).
 
-    config: a YAML path, YAML text or a dict. Returns a :class:`MergeSummary`. Everything is validated before
-    anything is written; the output appears atomically.
+    config: a YAML path, YAML text, a dict, or a mergekit ``MergeConfiguration`` (or its ``model_dump()``).
+    Returns a :class:`MergeSummary`. Everything is validated before anything is written; the output appears
+    atomically. Beside the weights, as mergekit writes them: ``mergekit_config.yml`` (the config as given), a
+    README.md model card (``model_card``), the base's tokenizer files (``copy_tokenizer``); and fastmerge's
+    own record, ``fastmerge_config.yml``. ``overwrite``: replace an existing output (a folder holding only
+    what a merge writes) in one atomic exchange; otherwise an existing ``out_dir`` is an error.
     """
+    if hasattr(config, "model_dump") and not isinstance(config, MergeConfig):  # a mergekit MergeConfiguration
+        config = config.model_dump(mode="json", exclude_none=True)
+    source = _source_text(config)
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     eng = Engine(cfg, device=device, seed=seed, memory_budget=memory_budget, out_shard_size=out_shard_size,
-                 quiet=quiet)
+                 quiet=quiet, overwrite=overwrite, copy_tokenizer=copy_tokenizer, model_card=model_card,
+                 config_source=source)
     eng.plan()
     return eng.run(out_dir)
+
+
+def _source_text(config) -> str | None:
+    """The config's own text, for mergekit_config.yml: a file's or a YAML string's as written; None for a dict
+    (written as YAML from the parsed config)."""
+    if isinstance(config, (str, os.PathLike)):
+        text = str(config)
+        if "\n" not in text and os.path.isfile(text):
+            try:
+                with open(text, encoding="utf-8") as f:
+                    return f.read()
+            except (OSError, UnicodeDecodeError):
+                return None  # config.load reports it
+        return text
+    return None

@@ -428,13 +428,20 @@ class OutputDir:
     otherwise says how to.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, overwrite: bool = False):
         path = os.path.abspath(path)
-        if os.path.islink(path) and not os.path.exists(path):
-            raise FileExistsError(f"output {path} is a dangling symlink (to {os.readlink(path)}); remove it or "
-                                  "choose another path")
+        if os.path.islink(path):
+            raise FileExistsError(f"output {path} is a symlink (to {os.readlink(path)}); remove it or choose "
+                                  "another path")
+        self.replace = False
         if os.path.exists(path):
-            raise FileExistsError(f"output {path} already exists; choose another path or remove it")
+            if not overwrite:
+                raise FileExistsError(f"output {path} already exists; choose another path, remove it, or pass "
+                                      "--overwrite to replace it")
+            why = _not_replaceable(path)
+            if why:
+                raise FileExistsError(f"output {path} exists and {why}: it is not replaced (choose another path)")
+            self.replace = True
         parent = os.path.dirname(path)
         self.created: list[str] = []  # parent directories this run made, deepest first
         d = parent
@@ -487,7 +494,19 @@ class OutputDir:
         return p
 
     def commit(self) -> str:
+        """The finished directory takes OUT's place: a rename, or, over an earlier output (``overwrite``), an
+        atomic exchange of the two (renameat2 RENAME_EXCHANGE) after which the old one is removed; readers
+        see the old output or the new one, never a mix."""
         os.unlink(os.path.join(self.tmp, OWNER))
+        if self.replace and os.path.exists(self.path):
+            if not _exchange(self.tmp, self.path):  # no renameat2 here: the old output moves aside first
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.old-", dir=os.path.dirname(self.path))
+                os.replace(self.path, os.path.join(old, "out"))
+                os.replace(self.tmp, self.path)
+                shutil.rmtree(old, ignore_errors=True)
+                return self.path
+            shutil.rmtree(self.tmp, ignore_errors=True)  # now the old output
+            return self.path
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -508,6 +527,45 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or os.path.exists(self.tmp):
             self.abort()
+
+
+_STORE_DIRS = {"base", "task_vectors", "shared", "masks", "factors"}  # a multi-task store's folders
+_OUTPUT_SUFFIXES = (".safetensors", ".json", ".yml", ".yaml", ".md", ".jinja", ".model", ".txt", ".npy", ".bin")
+
+
+def _not_replaceable(path: str, depth: int = 0) -> str | None:
+    """Why an existing OUT may not be replaced by ``overwrite``, or None: only a directory holding what a merge
+    writes (safetensors, JSON/YAML/Markdown side files, tokenizer files, a store's folders) is, so that a
+    mistyped path never deletes anything else."""
+    if not os.path.isdir(path):
+        return "is not a directory"
+    for entry in os.listdir(path):
+        p = os.path.join(path, entry)
+        if os.path.islink(p):
+            return f"holds a symlink ({entry})"
+        if os.path.isdir(p):
+            why = f"holds a folder a merge does not write ({entry})"
+            if depth or entry not in _STORE_DIRS or _not_replaceable(p, 1):
+                return why
+        elif entry not in SIDE_FILES and not entry.endswith(_OUTPUT_SUFFIXES):
+            return f"holds a file a merge does not write ({entry})"
+    return None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the call is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # the kernel or filesystem can't: fall back
+        return False
+    raise OSError(err, f"cannot swap {a} into place of {b}: {os.strerror(err)}")
 
 
 def _host() -> str:

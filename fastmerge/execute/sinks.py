@@ -19,6 +19,11 @@ from ..plan.jobs import Group
 from ..store import FORMAT
 
 RECORD = "fastmerge_config.yml"
+MERGEKIT_RECORD = "mergekit_config.yml"
+# what mergekit's --copy-tokenizer copies (generation_config.json among them)
+TOKENIZER_FILES = frozenset({"generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                             "special_tokens_map.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt",
+                             "added_tokens.json", "chat_template.jinja"})
 
 
 def write_model(run, od: OutputDir) -> dict:
@@ -43,13 +48,16 @@ def write_model(run, od: OutputDir) -> dict:
     return {"bytes_written": w.bytes_written}
 
 
-def copy_side_files(run, directory: str) -> None:
+def copy_side_files(run, directory: str, tokenizer: bool = True) -> None:
     """The base's side files (config.json, tokenizer...) into ``directory``; a model's config.json gets the
-    output's floating dtype."""
+    output's floating dtype. ``tokenizer=False`` (mergekit's --no-copy-tokenizer): config.json only, and the
+    sentence-transformers module files."""
     src = run.side_source()
     if src is None:
         return
     for f in SIDE_FILES:
+        if not tokenizer and f in TOKENIZER_FILES:
+            continue
         p = os.path.join(src, f)
         if not os.path.isfile(p):
             continue
@@ -86,6 +94,33 @@ def write_record(run, directory: str) -> None:
                                                      "options": run.cfg.options, "stats": run.stats}}
     with open(os.path.join(directory, RECORD), "w") as f:
         yaml.safe_dump(json.loads(json.dumps(rec, default=str)), f, sort_keys=False)
+
+
+def write_mergekit_files(run, directory: str, source: str | None, card: bool, name: str) -> None:
+    """What mergekit writes beside a merged model: ``mergekit_config.yml`` (the config as given) and, with
+    ``card``, a README.md model card (Hugging Face metadata, the method, the models, the config)."""
+    import yaml
+
+    cfg = run.cfg
+    if source is None:
+        source = yaml.safe_dump(json.loads(json.dumps(cfg.raw, default=str)), sort_keys=False)
+    with open(os.path.join(directory, MERGEKIT_RECORD), "w", encoding="utf-8") as f:
+        f.write(source)
+    if not card:
+        return
+    labels = [m.label for m in cfg.models]
+    base = cfg.base.label if cfg.base is not None else None
+    meta = {"base_model": sorted(set(labels)), "library_name": "transformers", "tags": ["mergekit", "merge",
+                                                                                     "fastmerge"]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", f"# {name}", "",
+             f"A merge of {len(labels)} models made with fastmerge (mergekit-compatible configuration), "
+             f"method `{cfg.method}`.", ""]
+    if base is not None:
+        lines += [f"Base model: `{base}`.", ""]
+    lines += ["Models:", "", *(f"- `{x}`" for x in labels if x != base), "", "Configuration:", "", "```yaml",
+              source.rstrip("\n"), "```", ""]
+    with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------------------

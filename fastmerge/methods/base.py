@@ -22,6 +22,12 @@ from .. import ops
 from ..config import ConfigError, MergeConfig, evaluate
 
 REQUIRED = object()
+# Every parameter name of mergekit 0.1.5's methods. mergekit ignores a parameter its method does not take (density
+# left on a linear merge), so such a leftover is a warning here; a name no method knows (a typo) is an error.
+MERGEKIT_PARAMS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "filter_wise",
+    "nuslerp_row_wise", "nuslerp_flatten", "scale", "r", "alpha", "select_topk", "normalize_weights", "eps",
+    "max_iter", "tol"})
 SHARED, INPUT, NONBASE = "shared", "input", "nonbase"
 
 
@@ -146,9 +152,15 @@ def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
     if "int8_mask" in cfg.parameters and "int8_mask" in names:
         warnings.warn("parameters.int8_mask: ignored (mergekit stores its masks as int8 to save memory; fastmerge's "
                       "kernels never materialise float masks), the result is the same", stacklevel=2)
+    def leftover(k: str, where: str) -> None:
+        if k not in MERGEKIT_PARAMS:
+            raise ConfigError(f"{where}: not a parameter of {m.name}; expected one of {', '.join(names)}")
+        warnings.warn(f"{where}: {m.name} takes no {k!r}; ignored, as mergekit does", stacklevel=3)
+
     for k, v in cfg.parameters.items():
         if k not in names:
-            raise ConfigError(f"parameters.{k}: not a parameter of {m.name}; expected one of {', '.join(names)}")
+            leftover(k, f"parameters.{k}")
+            continue
         for leaf in _leaves(v):
             _check_range(names[k], leaf, f"parameters.{k}")
     for i, model in enumerate(cfg.models):
@@ -156,7 +168,8 @@ def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
             p = names.get(k)
             where = f"models[{i}] ({model.label}).parameters.{k}"
             if p is None:
-                raise ConfigError(f"{where}: not a parameter of {m.name}; expected one of {', '.join(names)}")
+                leftover(k, where)
+                continue
             if p.scope == SHARED:
                 raise ConfigError(f"{where}: {k} is a global parameter of {m.name}; set it under the top-level "
                                   "'parameters:'")
