@@ -44,6 +44,8 @@ PYBIND11_MODULE(_C, m) {
   FM_BIND_ALL(cpu)
   m.def("order_window_cpu", &fastmerge::order_window_cpu, py::arg("x"), py::arg("start"), py::arg("stop"),
         py::arg("descending"), py::arg("out"), NOGIL);
+  m.def("gta_merge_cpu", &fastmerge::gta_merge_cpu, py::arg("base"), py::arg("experts"), py::arg("keep"),
+        py::arg("params"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("out"), NOGIL);
   m.def("della_prune_cpu", &fastmerge::della_prune_cpu, py::arg("x"), py::arg("out"), py::arg("density"),
         py::arg("epsilon"), py::arg("seed"), py::arg("key"), py::arg("rescale"), NOGIL);
   m.def("doge_grad_cpu", &fastmerge::doge_grad_cpu, py::arg("taus"), py::arg("a"), py::arg("d"), py::arg("out"),

@@ -431,7 +431,8 @@ class OutputDir:
     def __init__(self, path: str, overwrite: bool = False):
         path = os.path.abspath(path)
         if os.path.islink(path):
-            raise FileExistsError(f"output {path} is a symlink (to {os.readlink(path)}); remove it or choose "
+            what = "symlink" if os.path.exists(path) else "dangling symlink"
+            raise FileExistsError(f"output {path} is a {what} (to {os.readlink(path)}); remove it or choose "
                                   "another path")
         self.replace = False
         if os.path.exists(path):

@@ -16,21 +16,26 @@ namespace fastmerge {
 
 namespace {
 
-// The two comparators of torch's sort: NaN sorts as the largest value.
-struct Desc {
-  bool operator()(float a, float b) const { return (std::isnan(a) && !std::isnan(b)) || a > b; }
-};
-struct Asc {
-  bool operator()(float a, float b) const { return (!std::isnan(a) && std::isnan(b)) || a < b; }
-};
+// Every value ranked is |x| (or NaN), so one uint32 key orders them as torch's comparators do: the bits of a
+// non-negative float order like the float, and every NaN maps to one key above +inf (torch's sort treats NaN
+// as larger than everything and NaNs as equal). Descending: a before b iff key(a) > key(b); ascending: iff <.
+constexpr uint32_t kNanKey = 0x7F800001u;
+
+inline uint32_t order_key(float x) {
+  const uint32_t k = fm_abs_key(x);
+  return k > kNanKey ? kNanKey : k;
+}
 
 constexpr int64_t kThreshold = 16;  // libstdc++'s _S_threshold
+constexpr uint8_t kStopL = 1, kStopR = 2;
 
-template <typename I, typename C>
+template <typename I, bool Desc>
 struct Sorter {
-  float* v;
-  I* ix;
-  C comp;
+  uint32_t* v;     // keys
+  I* ix;           // original positions
+  uint8_t* stops;  // per position: would the left (kStopL) / right (kStopR) scan stop here (original values)
+
+  static bool comp(uint32_t a, uint32_t b) { return Desc ? a > b : a < b; }
 
   void swap(int64_t a, int64_t b) {
     std::swap(v[a], v[b]);
@@ -51,24 +56,64 @@ struct Sorter {
     }
   }
 
-  // Hoare partition of [first + 1, last) around the pivot at `first`; returns the cut.
+  // libstdc++'s __unguarded_partition of [first + 1, last) around the pivot at `first`; returns the cut. Its
+  // two scans stop at the elements "not less" (left) and "not greater" (right) than the pivot, and each stop
+  // pair is swapped until the scans cross. Every position between the two scans still holds its original value,
+  // so the stops are read from flags of the original values (one vectorised pass) instead of from branchy
+  // compares; the position just swapped on the far side is a stop by construction (it now holds what the
+  // other scan stopped at), which bounds each search. Same swaps, same cut.
   int64_t partition_pivot(int64_t first, int64_t last) {
     const int64_t mid = first + (last - first) / 2;
     median_to_first(first, first + 1, mid, last - 1);
-    int64_t lo = first + 1, hi = last;
-    while (true) {
-      while (comp(v[lo], v[first])) ++lo;
-      --hi;
-      while (comp(v[first], v[hi])) --hi;
-      if (!(lo < hi)) return lo;
+    const uint32_t pv = v[first];
+    const uint32_t* __restrict k = v;
+    uint8_t* __restrict st = stops;
+    for (int64_t i = first; i < last; ++i)
+      st[i] = static_cast<uint8_t>((comp(k[i], pv) ? 0 : kStopL) | (comp(pv, k[i]) ? 0 : kStopR));
+    int64_t lo = next_left(first + 1, last);  // a stop exists: median-of-three left one >= pivot in range
+    int64_t hi = next_right(last - 1, first);  // the pivot itself stops the right scan
+    while (lo < hi) {
       swap(lo, hi);
-      ++lo;
+      const int64_t nl = next_left(lo + 1, hi);
+      hi = next_right(hi - 1, lo);
+      lo = nl;
     }
+    return lo;
+  }
+
+  // First p in [p, end) where the left scan stops, else end.
+  int64_t next_left(int64_t p, int64_t end) const {
+    constexpr uint64_t kMask = 0x0101010101010101ull * kStopL;
+    while (p + 8 <= end) {
+      uint64_t w;
+      std::memcpy(&w, stops + p, 8);
+      w &= kMask;
+      if (w) return p + (__builtin_ctzll(w) >> 3);
+      p += 8;
+    }
+    for (; p < end; ++p)
+      if (stops[p] & kStopL) return p;
+    return end;
+  }
+
+  // Last p in (end, p] where the right scan stops, else end.
+  int64_t next_right(int64_t p, int64_t end) const {
+    constexpr uint64_t kMask = 0x0101010101010101ull * kStopR;
+    while (p - 8 >= end) {  // positions p-7 .. p, all > end
+      uint64_t w;
+      std::memcpy(&w, stops + p - 7, 8);
+      w &= kMask;
+      if (w) return p - (__builtin_clzll(w) >> 3);
+      p -= 8;
+    }
+    for (; p > end; --p)
+      if (stops[p] & kStopR) return p;
+    return end;
   }
 
   void insertion_sort(int64_t first, int64_t last) {
     for (int64_t i = first + 1; i < last; ++i) {
-      const float val = v[i];
+      const uint32_t val = v[i];
       const I id = ix[i];
       int64_t j = i;
       if (comp(val, v[first])) {
@@ -88,7 +133,7 @@ struct Sorter {
   }
 
   // libstdc++'s __adjust_heap then __push_heap, on the heap at `base` of `len` elements.
-  void adjust_heap(int64_t base, int64_t hole, int64_t len, float val, I id) {
+  void adjust_heap(int64_t base, int64_t hole, int64_t len, uint32_t val, I id) {
     const int64_t top = hole;
     int64_t child = hole;
     while (child < (len - 1) / 2) {
@@ -124,7 +169,7 @@ struct Sorter {
       if (parent == 0) break;
     }
     for (int64_t end = last - 1; end - first > 0; --end) {  // pop_heap(first, end, end)
-      const float val = v[end];
+      const uint32_t val = v[end];
       const I id = ix[end];
       v[end] = v[first];
       ix[end] = ix[first];
@@ -159,21 +204,53 @@ struct Sorter {
   }
 };
 
+// Per-thread scratch reused across calls (no page faults per tensor); buffers past kKeep bytes are released.
+struct Buffers {
+  std::vector<uint32_t> keys;
+  std::vector<int64_t> ix;  // used as int32 or int64
+  std::vector<uint8_t> stops;
+  static constexpr size_t kKeep = size_t(1) << 28;
+
+  void reserve(int64_t n) {
+    const size_t m = static_cast<size_t>(n);
+    if (keys.size() < m) keys.resize(m);
+    if (ix.size() < (m + 1) / 2 + 1) ix.resize((m + 1) / 2 + 1);  // as int32: two per int64
+    if (stops.size() < m) stops.resize(m);
+  }
+  void shrink() {
+    if (keys.size() * 9 > kKeep) {
+      std::vector<uint32_t>().swap(keys);
+      std::vector<int64_t>().swap(ix);
+      std::vector<uint8_t>().swap(stops);
+    }
+  }
+};
+
 template <typename T, typename I>
 void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descending, bool* out) {
-  std::vector<float> v(static_cast<size_t>(n));
-  std::vector<I> ix(static_cast<size_t>(n));
+  static thread_local Buffers buf;
+  buf.reserve(n);
+  std::vector<int64_t> ix64;
+  I* ix;
+  if (sizeof(I) == 4) {
+    ix = reinterpret_cast<I*>(buf.ix.data());
+  } else {
+    ix64.resize(static_cast<size_t>(n));
+    ix = reinterpret_cast<I*>(ix64.data());
+  }
+  uint32_t* __restrict k = buf.keys.data();
   for (int64_t i = 0; i < n; ++i) {
-    v[i] = std::fabs(cpu::to_f32(x[i]));
+    k[i] = order_key(cpu::to_f32(x[i]));
     ix[i] = static_cast<I>(i);
   }
   if (descending) {
-    Sorter<I, Desc>{v.data(), ix.data(), Desc{}}.run(n, start, stop);
+    Sorter<I, true>{k, ix, buf.stops.data()}.run(n, start, stop);
   } else {
-    Sorter<I, Asc>{v.data(), ix.data(), Asc{}}.run(n, start, stop);
+    Sorter<I, false>{k, ix, buf.stops.data()}.run(n, start, stop);
   }
-  std::fill(out, out + n, false);
+  std::memset(out, 0, static_cast<size_t>(n));
   for (int64_t p = start; p < stop; ++p) out[ix[p]] = true;
+  buf.shrink();
 }
 
 }  // namespace

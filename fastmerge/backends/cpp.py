@@ -10,7 +10,7 @@ from .registry import HALF, Backend
 CPP = Backend("cpp", ("cpu",), HALF, unavailable=lambda: _native.ERROR)
 _native.bind(CPP, "cpu", ("abs_histogram", "row_kth_largest_abs", "order_window", "prune", "della_prune", "ties_merge",
                           "tall_masks", "consensus_merge", "emr_elect", "doge_grad", "adam_step", "tv_combine",
-                          "tv_coef_grad"))
+                          "tv_coef_grad", "gta_merge"))
 
 
 @CPP.kernel("orth_project")
@@ -21,3 +21,4 @@ def orth_project(x, u, out):
     xf, uf = x.to(dt), u.to(dt)
     res = torch.baddbmm(xf, uf, uf.mT @ xf, alpha=-1.0)
     out.copy_(res)
+

@@ -14,11 +14,13 @@ streaming pass).
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .. import ops
+from .. import context, ops
 from ..algo import ties as sign_consensus
 from .base import NONBASE, SHARED, Method, Param, TensorCall
 from .registry import register
@@ -129,82 +131,72 @@ class GTA:
 
 
 def _mergekit(g: GTA, c: TensorCall) -> torch.Tensor:
-    """mergekit's own arithmetic, operation for operation in the inputs' dtype (bf16 rounding of every
-    intermediate included), with its exact-k magnitude masks in its sort's tie order (ops.order_window, no sort):
-    the same bytes as mergekit for every deterministic configuration. The task vectors are a (T, ...) stack, as
-    in mergekit, but every step that can is done in place (a product with a 0/1 mask is the same in place or
-    not), so the working set is the stack plus one 0/1 stack. The fp32 fused path (GTA.__call__) serves the
-    randomised sparsifiers."""
-    base, prm, sh = c.base, c.expert_params, c.shared
-    deltas = base.new_empty((len(prm), *base.shape))
-    for t, (x, p) in enumerate(zip(c.experts, prm, strict=True)):
-        if x.dtype == base.dtype:
-            delta = torch.sub(x, base, out=deltas[t])
-        else:  # mergekit subtracts with type promotion and sparsifies the promoted task vector
-            delta = x - base
-        if g.sparsify is not None and p["density"] < 1:
-            _mergekit_sparsify(delta, g.sparsify, p, sh["rescale"])
-        if delta.data_ptr() != deltas[t].data_ptr():
-            deltas[t] = delta
-        del delta
-    w = torch.tensor([p["weight"] for p in prm], dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape(-1, *([1] * base.dim()))
-    deltas.mul_(w)
-    if g.consensus:  # keep a delta iff its sign is the majority sign of the vote (>= 0: positive)
-        pos = deltas.sum(dim=0) >= 0
-        keep = deltas > 0
-        keep.logical_and_(pos)
-        neg = deltas < 0
-        neg.logical_and_(pos.logical_not_())
-        keep.logical_or_(neg)
-        del neg, pos
-        mask = keep.to(deltas.dtype)
-        del keep
-        deltas.mul_(mask)
-        mixed = deltas.sum(dim=0)
-        del deltas
-        divisor = mask.mul_(w).sum(dim=0)
-        del mask
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        del deltas
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if sh["normalize"]:
-        mixed /= divisor
-    if sh["lambda"] != 1:
-        mixed *= sh["lambda"]
-    return mixed.add_(base).to(c.out_dtype)  # mixed is in base's dtype: mergekit's (base + mixed).to(base.dtype)
+    """mergekit's own arithmetic in the inputs' dtype (every intermediate rounded as its whole-tensor ops round
+    it: ops.gta_merge, one fused pass) with its exact-k magnitude masks in its sort's tie order (ops.order_window,
+    no sort): the same bytes as mergekit for every deterministic configuration. The fp32 fused path
+    (GTA.__call__) serves the randomised sparsifiers."""
+    base, prm, sh, experts = c.base, c.expert_params, c.shared, c.experts
+    T = len(prm)
+    inputs = list(experts)
+    keep = [_KEEP_ALL] * T
+    scales = [1.0] * T
 
-
-def _mergekit_sparsify(delta: torch.Tensor, kind: str, p: dict, rescale: bool) -> None:
-    """mergekit's magnitude / magnitude_outliers sparsification of one task vector (density < 1), in place: a
-    mask of an exact window of its magnitude order, then the optional L1 rescale, in delta's dtype."""
-    n = delta.numel()
-    if kind == "magnitude":
-        if p["density"] <= 0 or n == 0:
-            delta.zero_()
+    def task_mask(t: int) -> None:
+        p = prm[t]
+        if g.sparsify is None or p["density"] >= 1:
             return
-        start, stop = 0, max(1, int(p["density"] * n))
-        descending = True
-    else:  # outliers: drop the int(gamma * n) largest, keep the next int(density * n)
-        target, n_top = int(p["density"] * n), int(p["gamma"] * n)
-        start = max(0, n - target - n_top)
-        stop, descending = start + target, False
+        n = base.numel()
+        if g.sparsify == "magnitude" and (p["density"] <= 0 or n == 0):
+            inputs[t] = base  # mergekit's zeros_like: a task vector of exact zeros
+            return
+        delta = experts[t] - base
+        if g.sparsify == "magnitude":
+            start, stop, descending = 0, max(1, int(p["density"] * n)), True
+        else:  # outliers: drop the int(gamma * n) largest, keep the next int(density * n)
+            target, n_top = int(p["density"] * n), int(p["gamma"] * n)
+            start = max(0, n - target - n_top)
+            stop, descending = start + target, False
+        keep[t] = _window(delta, start, stop, descending)
+        if sh["rescale"]:  # mergekit's L1 rescale: sum |delta| / sum |kept delta|, both in the dtype
+            before = delta.abs().sum()
+            after = delta.mul_(keep[t]).abs().sum()
+            if not (before < 1e-7 or after < 1e-7):
+                scales[t] = float(before / after)
+
+    # the tasks' masks are independent, and order_window is one thread each: one task per core
+    workers = min(T, torch.get_num_threads()) if g.sparsify is not None and base.numel() >= 1 << 16 else 1
+    if workers > 1:
+        list(_pool(workers).map(context.worker(task_mask), range(T)))
+    else:
+        for t in range(T):
+            task_mask(t)
+    return ops.gta_merge(base, inputs, keep, [p["weight"] for p in prm], scales, consensus=g.consensus,
+                         normalize=sh["normalize"], lam=sh["lambda"], out_dtype=c.out_dtype)
+
+
+_KEEP_ALL = torch.empty(0, dtype=torch.bool)
+
+
+def _window(delta: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """The mask of positions [start, stop) of mergekit's magnitude order of ``delta``."""
     if delta.device.type == "cpu":
-        keep = ops.order_window(delta, start, stop, descending=descending)
-    else:  # mergekit's GPU order: torch's device sort of |delta| in its own dtype
-        order = torch.sort(delta.abs().reshape(-1), descending=descending).indices[start:stop]
-        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        keep[order] = True
-    before = delta.abs().sum() if rescale else None
-    delta.mul_(keep.reshape(delta.shape))
-    del keep
-    if rescale:
-        after = delta.abs().sum()
-        if not (before < 1e-7 or after < 1e-7):
-            delta.mul_(before / after)
+        return ops.order_window(delta, start, stop, descending=descending)
+    # mergekit's GPU order: torch's device sort of |delta| in its own dtype
+    order = torch.sort(delta.abs().reshape(-1), descending=descending).indices[start:stop]
+    keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    keep[order] = True
+    return keep.reshape(delta.shape)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="fastmerge-mask")
+        return _POOLS[n]
 
 
 def _bf16_cut(v: float) -> float:

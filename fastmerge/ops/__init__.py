@@ -34,6 +34,7 @@ from .order_window import order_window
 from .prune import prune
 from .della_prune import della_prune
 from .ties_merge import ELECT, MERGE, ties_merge, ties_params, weighted_sum
+from .gta_merge import gta_merge
 from .tall_masks import tall_masks
 from .consensus_merge import consensus_merge
 from .emr_elect import emr_elect
@@ -61,6 +62,7 @@ __all__ = [
     "doge_grad",
     "emr_elect",
     "empty",
+    "gta_merge",
     "magnitude_threshold",
     "name_key",
     "order_window",

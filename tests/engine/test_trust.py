@@ -284,7 +284,7 @@ def test_failed_run_removes_the_parents_it_created(fam, tmp_path, monkeypatch):
     from fastmerge.execute import sinks
 
     out = tmp_path / "a" / "b" / "out"
-    monkeypatch.setattr(sinks, "copy_side_files", lambda run, d: 1 / 0)  # fails after the merge
+    monkeypatch.setattr(sinks, "copy_side_files", lambda run, d, **kw: 1 / 0)  # fails after the merge
     with pytest.raises(ZeroDivisionError):
         fastmerge.merge(cfg("task_arithmetic", fam, {"weight": 1}), str(out), quiet=True)
     assert not (tmp_path / "a").exists()

@@ -184,7 +184,7 @@ def test_tsv_c_store_and_reconstruct(fam, tmp_path):
     ({"svd_power_iters": -1}, None, "svd_power_iters"),
     ({"exclude_keys": "text_projection"}, None, "exclude_keys"),
     (None, {"common_fraction": 1.5}, "common_fraction"),
-    (None, {"density": 0.5}, "not a parameter of iso_cts"),
+    (None, {"densty": 0.5}, "not a parameter of iso_cts"),
 ])
 def test_config_errors(fam, tmp_path, extra, gp, match):
     with pytest.raises(ConfigError, match=match):

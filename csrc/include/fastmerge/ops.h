@@ -23,6 +23,8 @@ void della_prune_cpu(const at::Tensor& x, at::Tensor& out, double density, doubl
 void ties_merge_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts, const at::Tensor& params,
                     const OptTensor& out, at::Tensor& counts, int64_t seed, int64_t key, int64_t offset,
                     int64_t elect, int64_t merge, bool weighted_elect, double zero_sign, double lam);
+void gta_merge_cpu(const at::Tensor& base, const std::vector<at::Tensor>& experts, const std::vector<at::Tensor>& keep,
+                   const at::Tensor& params, bool consensus, bool normalize, double lam, at::Tensor& out);
 void tall_masks_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts, const at::Tensor& lambdas,
                     const OptTensor& mtl, at::Tensor& masks);
 void consensus_merge_cpu(const OptTensor& base, const std::vector<at::Tensor>& experts,
