@@ -10,10 +10,14 @@
 // checks.
 #include "common.h"
 
+#include <type_traits>
+
 namespace fastmerge {
 
 namespace {
 
+// v rounded to T and back, as torch's opmath ops round each result: round-to-nearest-even, NaN to the
+// dtype's canonical NaN (bf16: the c10::BFloat16 conversion written out so that loops of it vectorise).
 template <typename T>
 inline float rnd(float v) {
   return cpu::to_f32(cpu::from_f32<T>(v));
@@ -21,6 +25,55 @@ inline float rnd(float v) {
 template <>
 inline float rnd<float>(float v) {
   return v;
+}
+template <>
+inline float rnd<at::Half>(float v) {  // fp16 round-to-nearest-even as float arithmetic and bit operations
+  const uint32_t u = cpu::f32_to_bits(v);
+  const uint32_t a = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+  const float av = cpu::bits_to_f32(a);
+  const float sub = (av + 0.5f) - 0.5f;  // below 2^-14: multiples of 2^-24 (0.5's ulp), nearest even
+  const uint32_t nrm = (a + 0xFFFu + ((a >> 13) & 1u)) & ~0x1FFFu;  // 10 mantissa bits, nearest even
+  uint32_t r = a < 0x38800000u ? cpu::f32_to_bits(sub) : nrm;
+  r = a >= 0x477FF000u ? 0x7F800000u : r;  // from 65520 up: inf
+  return v != v ? v : cpu::bits_to_f32(r | sign);
+}
+template <>
+inline float rnd<at::BFloat16>(float v) {
+  const uint32_t u = cpu::f32_to_bits(v);
+  const uint32_t r = (u + (((u >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
+  return cpu::bits_to_f32(v != v ? 0x7FC00000u : r);
+}
+
+// Loads and stores that vectorise: fp16 decoded and encoded with integer operations (torch's c10::Half goes
+// through a scalar routine). The store takes values the dtype represents exactly (they were rounded with rnd).
+template <typename T>
+inline float load(T v) {
+  return cpu::to_f32(v);
+}
+template <>
+inline float load<at::Half>(at::Half v) {
+  const uint32_t h = v.x, sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  const float sub = static_cast<float>(mant) * 5.9604644775390625e-8f;  // 2^-24
+  const uint32_t nrm = ((e + 112u) << 23) | (mant << 13), special = 0x7F800000u | (mant << 13);
+  const uint32_t bits = e == 0 ? cpu::f32_to_bits(sub) : (e == 31 ? special : nrm);
+  return cpu::bits_to_f32(bits | sign);
+}
+
+template <typename O>
+inline O store_exact(float v) {
+  return cpu::from_f32<O>(v);
+}
+template <>
+inline at::Half store_exact<at::Half>(float v) {
+  const uint32_t u = cpu::f32_to_bits(v), a = u & 0x7FFFFFFFu;
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint16_t nrm = static_cast<uint16_t>((((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3FFu));
+  const uint16_t sub = static_cast<uint16_t>(cpu::bits_to_f32(a) * 16777216.0f);  // |v| < 2^-14: mant * 2^-24
+  uint16_t h = a < 0x38800000u ? sub : nrm;
+  h = a >= 0x7F800000u ? (a > 0x7F800000u ? 0x7E00 : 0x7C00) : h;
+  at::Half r;
+  r.x = static_cast<uint16_t>(h | sign);
+  return r;
 }
 
 struct GtaArgs {
@@ -37,58 +90,73 @@ void gta_impl(const T* b, const std::vector<const T*>& xs, const std::vector<con
   const int nt = cpu::threads_for(n * T_, int64_t(1) << 16);
 #pragma omp parallel num_threads(nt)
   {
-    cpu::Scratch<float> scratch(static_cast<size_t>(T_ * cpu::kBlock + 2 * cpu::kBlock));
-    float* d = scratch.ptr();
-    float* bf = d + T_ * cpu::kBlock;
-    float* acc = bf + cpu::kBlock;
+    // per block: the T task vectors, the base, and the running sums (vote / merged delta, divisor)
+    cpu::Scratch<float> scratch(static_cast<size_t>((T_ + 3) * cpu::kBlock));
+    float* __restrict d = scratch.ptr();
+    float* __restrict bf = d + T_ * cpu::kBlock;
+    float* __restrict mixed = bf + cpu::kBlock;
+    float* __restrict div = mixed + cpu::kBlock;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t i0 = blk * cpu::kBlock;
       const int64_t m = std::min<int64_t>(cpu::kBlock, n - i0);
-      for (int64_t i = 0; i < m; ++i) bf[i] = cpu::to_f32(b[i0 + i]);
-      for (int64_t t = 0; t < T_; ++t) {
-        const T* x = xs[t] + i0;
-        const bool* k = keep[t] ? keep[t] + i0 : nullptr;
-        float* dt = d + t * cpu::kBlock;
+      const T* __restrict bb = b + i0;
+      for (int64_t i = 0; i < m; ++i) bf[i] = load(bb[i]);
+      for (int64_t t = 0; t < T_; ++t) {  // d_t = ((x_t - b) * keep_t * s_t) * w_t, each product rounded
+        const T* __restrict x = xs[t] + i0;
+        float* __restrict dt = d + t * cpu::kBlock;
         const float w = A.w[t], s = A.s[t];
-        for (int64_t i = 0; i < m; ++i) {
-          float v = rnd<T>(cpu::to_f32(x[i]) - bf[i]);
-          if (k) v = k[i] ? v : v * 0.0f;  // delta * mask: -0 and NaN as the product gives them
-          v = rnd<T>(v * s);
-          dt[i] = rnd<T>(v * w);
+        if (keep[t]) {
+          const uint8_t* __restrict k = reinterpret_cast<const uint8_t*>(keep[t] + i0);  // 0/1 bytes
+          for (int64_t i = 0; i < m; ++i) {  // times the 0/1 mask, as torch does (-0, NaN as the product gives)
+            const float v = rnd<T>(load(x[i]) - bf[i]) * static_cast<float>(k[i]);
+            dt[i] = rnd<T>(rnd<T>(v * s) * w);
+          }
+        } else {
+          for (int64_t i = 0; i < m; ++i) dt[i] = rnd<T>(rnd<T>(rnd<T>(load(x[i]) - bf[i]) * s) * w);
         }
       }
       if (A.consensus) {
-        float* div = acc;
-        for (int64_t i = 0; i < m; ++i) {
-          float vote = 0.0f;
-          for (int64_t t = 0; t < T_; ++t) vote += d[t * cpu::kBlock + i];
-          const bool pos = rnd<T>(vote) >= 0.0f;
-          float mixed = 0.0f, dv = 0.0f;
-          for (int64_t t = 0; t < T_; ++t) {
-            const float v = d[t * cpu::kBlock + i];
-            const bool agree = pos ? v > 0.0f : v < 0.0f;  // sign(v) == majority sign
-            mixed += agree ? v : v * 0.0f;
-            dv += agree ? A.w[t] : A.w[t] * 0.0f;
+        for (int64_t i = 0; i < m; ++i) mixed[i] = 0.0f;  // the vote first
+        for (int64_t t = 0; t < T_; ++t)
+          for (int64_t i = 0; i < m; ++i) mixed[i] += d[t * cpu::kBlock + i];
+        for (int64_t i = 0; i < m; ++i) {  // the majority sign as +-1 (vote >= 0: +; NaN: -)
+          mixed[i] = rnd<T>(mixed[i]) >= 0.0f ? 1.0f : -1.0f;
+          div[i] = 0.0f;
+        }
+        for (int64_t i = 0; i < m; ++i) bf[i] = 0.0f;  // bf: the merged delta's running sum (base re-read below)
+        for (int64_t t = 0; t < T_; ++t) {
+          const float* __restrict dt = d + t * cpu::kBlock;
+          const float w = A.w[t];
+          for (int64_t i = 0; i < m; ++i) {  // the 0/1 mask sign(v) == majority sign, multiplied in as torch does
+            const float v = dt[i], mj = mixed[i];
+            const float agree = static_cast<float>((v > 0.0f) & (mj > 0.0f)) + static_cast<float>((v < 0.0f) & (mj < 0.0f));
+            bf[i] += v * agree;
+            div[i] += w * agree;
           }
-          dv = rnd<T>(dv);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          mixed[i] = rnd<T>(bf[i]);
+          const float dv = rnd<T>(div[i]);
           div[i] = dv == 0.0f ? 1.0f : dv;
-          d[i] = rnd<T>(mixed);  // task 0's row is done with: it holds the merged delta now
+          bf[i] = load(bb[i]);
         }
       } else {
+        for (int64_t i = 0; i < m; ++i) mixed[i] = 0.0f;
+        for (int64_t t = 0; t < T_; ++t)
+          for (int64_t i = 0; i < m; ++i) mixed[i] += d[t * cpu::kBlock + i];
         for (int64_t i = 0; i < m; ++i) {
-          float mixed = 0.0f;
-          for (int64_t t = 0; t < T_; ++t) mixed += d[t * cpu::kBlock + i];
-          d[i] = rnd<T>(mixed);
-          acc[i] = A.divisor;
+          mixed[i] = rnd<T>(mixed[i]);
+          div[i] = A.divisor;
         }
       }
-      O* o = out + i0;
+      O* __restrict o = out + i0;
       for (int64_t i = 0; i < m; ++i) {
-        float v = d[i];
-        if (A.normalize) v = rnd<T>(v / acc[i]);
+        float v = mixed[i];
+        if (A.normalize) v = rnd<T>(v / div[i]);
         if (A.scale_lam) v = rnd<T>(v * A.lam);
-        o[i] = cpu::from_f32<O>(rnd<T>(v + bf[i]));
+        const float r = rnd<T>(v + bf[i]);
+        o[i] = std::is_same<T, O>::value ? store_exact<O>(r) : cpu::from_f32<O>(r);
       }
     }
   }

@@ -95,3 +95,20 @@ def test_opcheck():
     prm = torch.ones(2, 2, dtype=torch.float64)
     torch.library.opcheck(torch.ops.fastmerge.gta_merge.default,
                           (x, [x + 1, x - 1], [], prm, True, True, 0.5, torch.empty(3, 7)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_gta_merge_rounding_edges(C, dtype):
+    """Products and sums that land on the dtype's subnormals, its overflow threshold and every exponent
+    between: each rounding must be torch's round-to-nearest-even."""
+    g = torch.Generator().manual_seed(11)
+    n = 1 << 16
+    mag = torch.exp2(torch.empty(n).uniform_(-30, 17, generator=g))
+    base = (torch.randn(n, generator=g) * mag).to(dtype)
+    ex = [(base.float() + torch.randn(n, generator=g) * mag * 0.1).to(dtype) for _ in range(3)]
+    for w in ([1.0, 1.0, 1.0], [1e3, -7.3, 0.01], [3e-4, 2.5, -1.0], [60000.0, 1.0, 0.5]):
+        prm = torch.stack([torch.tensor(w, dtype=dtype).double(), torch.ones(3, dtype=torch.float64)], 1)
+        for consensus, normalize, lam in ((True, True, 1.0), (False, False, 0.37), (True, False, 3.0)):
+            out = torch.empty(n, dtype=dtype)
+            C.gta_merge_cpu(base, ex, [], prm, consensus, normalize, lam, out)
+            cpp.same(out, gta_merge_ref(base, ex, [], prm, consensus, normalize, lam))
