@@ -16,26 +16,45 @@ namespace fastmerge {
 
 namespace {
 
-// Every value ranked is |x| (or NaN), so one uint32 key orders them as torch's comparators do: the bits of a
-// non-negative float order like the float, and every NaN maps to one key above +inf (torch's sort treats NaN
-// as larger than everything and NaNs as equal). Descending: a before b iff key(a) > key(b); ascending: iff <.
-constexpr uint32_t kNanKey = 0x7F800001u;
-
-inline uint32_t order_key(float x) {
-  const uint32_t k = fm_abs_key(x);
-  return k > kNanKey ? kNanKey : k;
-}
+// Every value ranked is |x| (or NaN), so one unsigned key orders them as torch's comparators order
+// float(|x|): the bits of a non-negative float, half or bfloat16 order like the value, and every NaN maps to
+// one key above +inf (torch's sort treats NaN as larger than everything and NaNs as equal). 16-bit inputs get
+// 16-bit keys (float(|x|) orders like them). Descending: a before b iff key(a) > key(b); ascending: iff <.
+template <typename T>
+struct Key {
+  using type = uint32_t;
+  static uint32_t of(T x) {
+    const uint32_t k = fm_abs_key(cpu::to_f32(x));
+    return k > 0x7F800001u ? 0x7F800001u : k;
+  }
+};
+template <>
+struct Key<at::BFloat16> {
+  using type = uint16_t;
+  static uint16_t of(at::BFloat16 x) {
+    const uint16_t k = x.x & 0x7FFFu;
+    return k > 0x7F81u ? 0x7F81u : k;
+  }
+};
+template <>
+struct Key<at::Half> {
+  using type = uint16_t;
+  static uint16_t of(at::Half x) {
+    const uint16_t k = x.x & 0x7FFFu;
+    return k > 0x7C01u ? 0x7C01u : k;
+  }
+};
 
 constexpr int64_t kThreshold = 16;  // libstdc++'s _S_threshold
 constexpr uint8_t kStopL = 1, kStopR = 2;
 
-template <typename I, bool Desc>
+template <typename K, typename I, bool Desc>
 struct Sorter {
-  uint32_t* v;     // keys
+  K* v;            // keys
   I* ix;           // original positions
   uint8_t* stops;  // per position: would the left (kStopL) / right (kStopR) scan stop here (original values)
 
-  static bool comp(uint32_t a, uint32_t b) { return Desc ? a > b : a < b; }
+  static bool comp(K a, K b) { return Desc ? a > b : a < b; }
 
   void swap(int64_t a, int64_t b) {
     std::swap(v[a], v[b]);
@@ -65,8 +84,8 @@ struct Sorter {
   int64_t partition_pivot(int64_t first, int64_t last) {
     const int64_t mid = first + (last - first) / 2;
     median_to_first(first, first + 1, mid, last - 1);
-    const uint32_t pv = v[first];
-    const uint32_t* __restrict k = v;
+    const K pv = v[first];
+    const K* __restrict k = v;
     uint8_t* __restrict st = stops;
     for (int64_t i = first; i < last; ++i)
       st[i] = static_cast<uint8_t>((comp(k[i], pv) ? 0 : kStopL) | (comp(pv, k[i]) ? 0 : kStopR));
@@ -113,7 +132,7 @@ struct Sorter {
 
   void insertion_sort(int64_t first, int64_t last) {
     for (int64_t i = first + 1; i < last; ++i) {
-      const uint32_t val = v[i];
+      const K val = v[i];
       const I id = ix[i];
       int64_t j = i;
       if (comp(val, v[first])) {
@@ -133,7 +152,7 @@ struct Sorter {
   }
 
   // libstdc++'s __adjust_heap then __push_heap, on the heap at `base` of `len` elements.
-  void adjust_heap(int64_t base, int64_t hole, int64_t len, uint32_t val, I id) {
+  void adjust_heap(int64_t base, int64_t hole, int64_t len, K val, I id) {
     const int64_t top = hole;
     int64_t child = hole;
     while (child < (len - 1) / 2) {
@@ -169,7 +188,7 @@ struct Sorter {
       if (parent == 0) break;
     }
     for (int64_t end = last - 1; end - first > 0; --end) {  // pop_heap(first, end, end)
-      const uint32_t val = v[end];
+      const K val = v[end];
       const I id = ix[end];
       v[end] = v[first];
       ix[end] = ix[first];
@@ -206,19 +225,19 @@ struct Sorter {
 
 // Per-thread scratch reused across calls (no page faults per tensor); buffers past kKeep bytes are released.
 struct Buffers {
-  std::vector<uint32_t> keys;
+  std::vector<uint32_t> keys;  // uint32 or uint16 keys
   std::vector<int64_t> ix;  // used as int32 or int64
   std::vector<uint8_t> stops;
   static constexpr size_t kKeep = size_t(1) << 28;
 
-  void reserve(int64_t n) {
+  void reserve(int64_t n, size_t key_bytes) {
     const size_t m = static_cast<size_t>(n);
-    if (keys.size() < m) keys.resize(m);
+    if (keys.size() * 4 < m * key_bytes) keys.resize((m * key_bytes + 3) / 4);
     if (ix.size() < (m + 1) / 2 + 1) ix.resize((m + 1) / 2 + 1);  // as int32: two per int64
     if (stops.size() < m) stops.resize(m);
   }
   void shrink() {
-    if (keys.size() * 9 > kKeep) {
+    if (keys.size() * 4 + ix.size() * 8 + stops.size() > kKeep) {
       std::vector<uint32_t>().swap(keys);
       std::vector<int64_t>().swap(ix);
       std::vector<uint8_t>().swap(stops);
@@ -228,8 +247,9 @@ struct Buffers {
 
 template <typename T, typename I>
 void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descending, bool* out) {
+  using K = typename Key<T>::type;
   static thread_local Buffers buf;
-  buf.reserve(n);
+  buf.reserve(n, sizeof(K));
   std::vector<int64_t> ix64;
   I* ix;
   if (sizeof(I) == 4) {
@@ -238,15 +258,15 @@ void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descen
     ix64.resize(static_cast<size_t>(n));
     ix = reinterpret_cast<I*>(ix64.data());
   }
-  uint32_t* __restrict k = buf.keys.data();
+  K* __restrict k = reinterpret_cast<K*>(buf.keys.data());
   for (int64_t i = 0; i < n; ++i) {
-    k[i] = order_key(cpu::to_f32(x[i]));
+    k[i] = Key<T>::of(x[i]);
     ix[i] = static_cast<I>(i);
   }
   if (descending) {
-    Sorter<I, true>{k, ix, buf.stops.data()}.run(n, start, stop);
+    Sorter<K, I, true>{k, ix, buf.stops.data()}.run(n, start, stop);
   } else {
-    Sorter<I, false>{k, ix, buf.stops.data()}.run(n, start, stop);
+    Sorter<K, I, false>{k, ix, buf.stops.data()}.run(n, start, stop);
   }
   std::memset(out, 0, static_cast<size_t>(n));
   for (int64_t p = start; p < stop; ++p) out[ix[p]] = true;
