@@ -43,7 +43,7 @@ PYBIND11_MODULE(_C, m) {
 
   FM_BIND_ALL(cpu)
   m.def("order_window_cpu", &fastmerge::order_window_cpu, py::arg("x"), py::arg("start"), py::arg("stop"),
-        py::arg("descending"), py::arg("out"), NOGIL);
+        py::arg("descending"), py::arg("topk"), py::arg("out"), NOGIL);
   m.def("gta_merge_cpu", &fastmerge::gta_merge_cpu, py::arg("base"), py::arg("experts"), py::arg("keep"),
         py::arg("params"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("out"), NOGIL);
   m.def("della_prune_cpu", &fastmerge::della_prune_cpu, py::arg("x"), py::arg("out"), py::arg("density"),

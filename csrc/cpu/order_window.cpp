@@ -1,4 +1,5 @@
-// order_window on the CPU: which elements torch.sort(|x|.float(), descending) puts at positions [start, stop).
+// order_window on the CPU: which elements torch.sort(|x|.float(), descending) puts at positions [start, stop),
+// or (topk) which k elements torch.topk(|x|, k) returns.
 // Semantics: fastmerge/ops/order_window.py (order_window_ref).
 //
 // torch's CPU sort (stable=False) is libstdc++'s std::sort (introsort: median-of-three quicksort down to
@@ -196,6 +197,55 @@ struct Sorter {
     }
   }
 
+  // std::__heap_select(first, middle, last): the heap of [first, middle) takes every later element that
+  // comes before its top.
+  void heap_select(int64_t first, int64_t middle, int64_t last) {
+    const int64_t len = middle - first;
+    if (len >= 2) {
+      for (int64_t parent = (len - 2) / 2;; --parent) {
+        adjust_heap(first, parent, len, v[first + parent], ix[first + parent]);
+        if (parent == 0) break;
+      }
+    }
+    for (int64_t i = middle; i < last; ++i) {
+      if (comp(v[i], v[first])) {  // __pop_heap(first, middle, i)
+        const K val = v[i];
+        const I id = ix[i];
+        v[i] = v[first];
+        ix[i] = ix[first];
+        adjust_heap(first, 0, len, val, id);
+      }
+    }
+  }
+
+  // torch.topk's CPU selection of the first k (TopKImpl.h): std::partial_sort when k * 64 <= n (its heap
+  // select decides which elements are in), else std::nth_element (introselect: the same partitions as the
+  // sort, down to 3 elements, heap select past the depth limit). Sorting the k afterwards moves none out.
+  void run_topk(int64_t n, int64_t k) {
+    if (k == 0 || n == 0) return;
+    if (k * 64 <= n) {
+      heap_select(0, k, n);
+      return;
+    }
+    int64_t first = 0, last = n;
+    const int64_t nth = k - 1;
+    int depth = 0;
+    for (int64_t m = n; m > 1; m >>= 1) ++depth;
+    depth *= 2;
+    while (last - first > 3) {
+      if (depth == 0) {
+        heap_select(first, nth + 1, last);
+        swap(first, nth);
+        return;
+      }
+      --depth;
+      const int64_t cut = partition_pivot(first, last);
+      if (cut <= nth) first = cut;
+      else last = cut;
+    }
+    insertion_sort(first, last);
+  }
+
   // The introsort loop on the ranges that hold a boundary of [start, stop) strictly inside.
   void run(int64_t n, int64_t start, int64_t stop) {
     auto holds = [&](int64_t f, int64_t l) { return (f < start && start < l) || (f < stop && stop < l); };
@@ -246,7 +296,7 @@ struct Buffers {
 };
 
 template <typename T, typename I>
-void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descending, bool* out) {
+void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descending, bool topk, bool* out) {
   using K = typename Key<T>::type;
   static thread_local Buffers buf;
   buf.reserve(n, sizeof(K));
@@ -264,9 +314,11 @@ void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descen
     ix[i] = static_cast<I>(i);
   }
   if (descending) {
-    Sorter<K, I, true>{k, ix, buf.stops.data()}.run(n, start, stop);
+    Sorter<K, I, true> s{k, ix, buf.stops.data()};
+    topk ? s.run_topk(n, stop) : s.run(n, start, stop);
   } else {
-    Sorter<K, I, false>{k, ix, buf.stops.data()}.run(n, start, stop);
+    Sorter<K, I, false> s{k, ix, buf.stops.data()};
+    topk ? s.run_topk(n, stop) : s.run(n, start, stop);
   }
   std::memset(out, 0, static_cast<size_t>(n));
   for (int64_t p = start; p < stop; ++p) out[ix[p]] = true;
@@ -275,7 +327,8 @@ void window_impl(const T* x, int64_t n, int64_t start, int64_t stop, bool descen
 
 }  // namespace
 
-void order_window_cpu(const at::Tensor& x, int64_t start, int64_t stop, bool descending, at::Tensor& out) {
+void order_window_cpu(const at::Tensor& x, int64_t start, int64_t stop, bool descending, bool topk,
+                      at::Tensor& out) {
   const char* op = "order_window_cpu";
   cpu::check_float3(x, op, "x");
   const int64_t n = x.numel();
@@ -283,13 +336,14 @@ void order_window_cpu(const at::Tensor& x, int64_t start, int64_t stop, bool des
               op, ": out must be a contiguous CPU bool tensor of ", n, " elements");
   TORCH_CHECK(0 <= start && start <= stop && stop <= n, op, ": need 0 <= start <= stop <= ", n, ", got [", start,
               ", ", stop, ")");
+  TORCH_CHECK(!topk || start == 0, op, ": topk windows start at 0, got ", start);
   bool* o = out.data_ptr<bool>();
   FM_DISPATCH_FLOAT3(x.scalar_type(), op, [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     if (n <= std::numeric_limits<int32_t>::max())
-      window_impl<scalar_t, int32_t>(xp, n, start, stop, descending, o);
+      window_impl<scalar_t, int32_t>(xp, n, start, stop, descending, topk, o);
     else
-      window_impl<scalar_t, int64_t>(xp, n, start, stop, descending, o);
+      window_impl<scalar_t, int64_t>(xp, n, start, stop, descending, topk, o);
   });
 }
 

@@ -11,8 +11,10 @@
 * ``peft``: keep the top int(density*n), elect from the unweighted deltas ("total" or "frequency"),
   divide the weighted sum by the *count* of agreeing inputs.
 
-Ties at a threshold are kept (>=) in every mode; mergekit and PEFT break them arbitrarily through
-their full sorts, so results can differ from theirs only when magnitudes tie exactly at the cut.
+PEFT keeps exactly int(density*n) magnitudes, ties at the cut broken as torch.topk breaks them
+(ops.order_window replays its selection). The others keep every magnitude tied at a threshold (>=); mergekit
+keeps exactly k through its sort, which the engine's ``compat: mergekit`` path reproduces bit for bit
+(fastmerge.methods.task_arithmetic) and this per-tensor function does not.
 """
 
 from __future__ import annotations
@@ -72,8 +74,24 @@ def magnitude_threshold_for(x: torch.Tensor, density: float, compat: str = "offi
 
 
 def magnitude_prune(x: torch.Tensor, density: float, *, compat: str = "official") -> torch.Tensor:
-    """Keep the largest magnitudes of x (a task vector) as ``compat`` counts them."""
+    """Keep the largest magnitudes of x (a task vector) as ``compat`` counts them: PEFT keeps exactly
+    int(density * n), in torch.topk's tie order; the others keep every magnitude tied at the cut."""
+    if compat == "peft":
+        keep = topk_keep(x, keep_rank(x.numel(), density, compat))
+        return x.clone() if keep is None else x * keep.to(x.dtype)
     return ops.prune(x, magnitude_threshold_for(x, density, compat))[0]
+
+
+def topk_keep(x: torch.Tensor, k: int | None) -> torch.Tensor | None:
+    """The mask of the k elements torch.topk(|x|, k) returns (PEFT's magnitude prune), ties in its order;
+    None when k is None (keep everything)."""
+    if k is None:
+        return None
+    if x.device.type == "cpu":
+        return ops.order_window(x, 0, k, topk=True)
+    keep = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    keep[torch.topk(x.abs().reshape(-1), k).indices] = True
+    return keep.reshape(x.shape)
 
 
 def dare(x: torch.Tensor, p: float, *, seed: int = 0, key: int | str = 0, rescale: str = "inverse",
@@ -172,9 +190,21 @@ def ties(
     dens = list(density) if isinstance(density, (list, tuple)) else [density] * len(experts)
     if len(dens) != len(experts):
         raise ValueError(f"density has {len(dens)} values for {len(experts)} experts")
+    el, mg, weighted = _preset(compat, merge, elect, normalize)
+    if compat == "peft":  # exactly int(density * n) kept, in torch.topk's tie order: masked task vectors
+        pruned = []
+        for e, d in zip(experts, dens, strict=True):
+            tv = delta(e, base)
+            keep = topk_keep(tv, keep_rank(tv.numel(), d, compat))
+            pruned.append(tv if keep is None else tv * keep)
+        out, _ = ops.ties_merge(None, pruned, ops.ties_params(len(experts), weights=weights), elect=el, merge=mg,
+                                zero_sign=1.0 if zero_sign is None else zero_sign, lam=lam,
+                                out_dtype=torch.float32)
+        if base is not None:
+            out = out.add_(base.float())
+        return out.to(out_dtype or (base if base is not None else experts[0]).dtype)
     buf = ops.empty(experts[0].shape, torch.float32, experts[0].device)
     lo = [magnitude_threshold_for(delta(e, base, buf), d, compat) for e, d in zip(experts, dens, strict=True)]
-    el, mg, weighted = _preset(compat, merge, elect, normalize)
     params = ops.ties_params(len(experts), weights=weights, lo=lo)
     if zero_sign is None:
         zero_sign = 1.0

@@ -1,6 +1,10 @@
 """The compat modes against the peers' own formulations, and the streaming threshold."""
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import peers
 import pytest
@@ -227,3 +231,30 @@ def test_reference_philox_matches_scalar_python():
     for i in range(16):
         idx = 2**34 + i
         assert u[i].item() == (philox(idx >> 2, seed, key)[idx & 3] >> 8) / 2**24
+
+
+@pytest.mark.parametrize("method", ["total", "frequency"])
+def test_ties_peft_installed_with_ties(method, tmp_path):
+    """compat="peft" against the installed PEFT's merge_utils on task vectors quantised to a few hundred
+    values (thousands tied at every cut): the same kept entries, in torch.topk's tie order, and its sums.
+    PEFT runs in a child process outside the checkout (its transformers import would find the checkout's
+    kernels/ folder on the path)."""
+    if importlib.util.find_spec("peft") is None:
+        pytest.skip("peft is not installed")
+    g = torch.Generator().manual_seed(7)
+    tvs = [torch.randint(-200, 201, (512, 384), generator=g).float() / 256 for _ in range(3)]
+    weights, density = [1.0, 0.5, 2.0], 0.3
+    torch.save({"tvs": tvs, "w": weights, "d": density, "m": method}, tmp_path / "in.pt")
+    script = ("import torch\nfrom peft.utils import merge_utils as m\n"
+              "a = torch.load('in.pt')\n"
+              "torch.save({'ties': m.ties(a['tvs'], torch.tensor(a['w']), a['d'], a['m']),\n"
+              "            'prune': m.magnitude_based_pruning(a['tvs'][0], a['d'])}, 'out.pt')\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = torch.load(tmp_path / "out.pt")
+    assert torch.equal(sign_consensus.magnitude_prune(tvs[0], density, compat="peft"), want["prune"])
+    got = fastmerge.ties(None, tvs, density, weights=weights, compat="peft",
+                         elect="sum" if method == "total" else "count")
+    assert torch.equal(got != 0, want["ties"] != 0)
+    torch.testing.assert_close(got, want["ties"], rtol=1e-6, atol=1e-7)

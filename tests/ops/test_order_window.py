@@ -32,11 +32,13 @@ def test_order_window(backend, n):
     for dtype in dtypes_for(backend, dev):
         for kind, x in _inputs(n, dtype, g):
             for start, stop in _windows(n):
-                for desc in (True, False):
+                for desc, topk in ((True, False), (False, False), (True, True), (False, True)):
+                    if topk and start:
+                        continue
                     out = torch.empty(n, dtype=torch.bool)
-                    kernel(backend, "order_window")(x, start, stop, desc, out)
-                    want = order_window_ref(x, start, stop, desc)
-                    assert torch.equal(out, want), (dtype, kind, start, stop, desc)
+                    kernel(backend, "order_window")(x, start, stop, desc, topk, out)
+                    want = order_window_ref(x, start, stop, desc, topk)
+                    assert torch.equal(out, want), (dtype, kind, start, stop, desc, topk)
                     assert int(out.sum()) == stop - start
 
 
@@ -49,16 +51,19 @@ def test_order_window_large_bf16(backend):
     base = (torch.randn(1024, 1024, generator=g) * 0.02).to(torch.bfloat16)
     delta = (base.float() * (1 + 0.005 * torch.randn(1024, 1024, generator=g))).to(torch.bfloat16) - base
     n = delta.numel()
-    for start, stop, desc in [(0, n // 2, True), (0, n // 5, True), (n // 100, n // 100 + n // 2, False)]:
+    for start, stop, desc, topk in [(0, n // 2, True, False), (0, n // 5, True, False),
+                                    (n // 100, n // 100 + n // 2, False, False), (0, n // 2, True, True),
+                                    (0, n // 100, True, True), (0, n // 64, True, True), (0, n // 64 + 1, True, True)]:
         out = torch.empty(delta.shape, dtype=torch.bool)
-        kernel(backend, "order_window")(delta, start, stop, desc, out)
-        assert torch.equal(out, order_window_ref(delta, start, stop, desc)), (start, stop, desc)
+        kernel(backend, "order_window")(delta, start, stop, desc, topk, out)
+        assert torch.equal(out, order_window_ref(delta, start, stop, desc, topk)), (start, stop, desc, topk)
     x = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1.0, -1.0, float("nan")] * 5)
     for start, stop in [(0, 3), (1, 7), (30, 40), (0, 40)]:
-        for desc in (True, False):
+        for desc, topk in ((True, False), (False, False), (True, True)):
+            start_ = 0 if topk else start
             out = torch.empty(x.shape, dtype=torch.bool)
-            kernel(backend, "order_window")(x, start, stop, desc, out)
-            assert torch.equal(out, order_window_ref(x, start, stop, desc)), (start, stop, desc)
+            kernel(backend, "order_window")(x, start_, stop, desc, topk, out)
+            assert torch.equal(out, order_window_ref(x, start_, stop, desc, topk)), (start_, stop, desc, topk)
 
 
 def test_order_window_depth_limit(C):
@@ -73,19 +78,23 @@ def test_order_window_depth_limit(C):
     x = torch.cat([x, torch.full((n,), 3.0), torch.randint(0, 4, (n,)).float()])
     for start, stop, desc in [(0, n, True), (7, n + 13, False), (n // 3, 2 * n, True)]:
         out = torch.empty(x.shape, dtype=torch.bool)
-        C.order_window_cpu(x, start, stop, desc, out)
+        C.order_window_cpu(x, start, stop, desc, False, out)
         assert torch.equal(out, order_window_ref(x, start, stop, desc))
+        C.order_window_cpu(x, 0, stop, desc, True, out)
+        assert torch.equal(out, order_window_ref(x, 0, stop, desc, True))
 
 
 def test_order_window_errors():
     x = torch.randn(10)
     with pytest.raises(RuntimeError, match="start <= stop"):
-        torch.ops.fastmerge.order_window(x, 5, 3, True, torch.empty(10, dtype=torch.bool))
+        torch.ops.fastmerge.order_window(x, 5, 3, True, False, torch.empty(10, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="out must be bool"):
-        torch.ops.fastmerge.order_window(x, 0, 3, True, torch.empty(10))
+        torch.ops.fastmerge.order_window(x, 0, 3, True, False, torch.empty(10))
+    with pytest.raises(RuntimeError, match="a topk window starts at 0"):
+        torch.ops.fastmerge.order_window(x, 2, 3, True, True, torch.empty(10, dtype=torch.bool))
 
 
 def test_opcheck():
     x = torch.randn(3, 7)
     out = torch.empty(3, 7, dtype=torch.bool)
-    torch.library.opcheck(torch.ops.fastmerge.order_window.default, (x, 2, 9, True, out))
+    torch.library.opcheck(torch.ops.fastmerge.order_window.default, (x, 2, 9, True, False, out))

@@ -15,7 +15,8 @@ using OptTensor = c10::optional<at::Tensor>;
 // ---- CPU (csrc/cpu) --------------------------------------------------------------------------------------
 void abs_histogram_cpu(const at::Tensor& x, at::Tensor& hist, int64_t level, int64_t prefix);
 void row_kth_largest_abs_cpu(const at::Tensor& x, int64_t k, at::Tensor& out);
-void order_window_cpu(const at::Tensor& x, int64_t start, int64_t stop, bool descending, at::Tensor& out);
+void order_window_cpu(const at::Tensor& x, int64_t start, int64_t stop, bool descending, bool topk,
+                      at::Tensor& out);
 void prune_cpu(const at::Tensor& x, const at::Tensor& lo, const at::Tensor& hi, at::Tensor& out,
                at::Tensor& stats, double p, int64_t seed, int64_t key, int64_t offset, double scale);
 void della_prune_cpu(const at::Tensor& x, at::Tensor& out, double density, double epsilon, int64_t seed,
