@@ -30,7 +30,6 @@ import yaml
 from _models import make_llama_family
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 CACHE = os.environ.get("FASTMERGE_BENCH_CACHE", os.path.join(HERE, ".cache"))
 FAMILY = {"hidden": 1024, "layers": 16, "vocab": 32000, "experts": 2}  # 268M params, bf16
 THREADS = int(os.environ.get("FASTMERGE_BENCH_THREADS", os.cpu_count() or 1))
@@ -130,8 +129,11 @@ def run_child(cmd: list[str], log: str) -> dict:
     os.makedirs(os.path.dirname(log), exist_ok=True)
     res_path = log + ".rusage.json"
     with open(log, "w") as out:
+        # run from the log's folder, not the checkout: `python -c "import mergekit.merge"` puts the working
+        # directory first on sys.path, where the checkout's kernels/ would shadow the `kernels` package that
+        # transformers imports
         subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, res_path, *cmd], stdout=out,
-                       stderr=subprocess.STDOUT, env=_child_env(), cwd=ROOT, check=True)
+                       stderr=subprocess.STDOUT, env=_child_env(), cwd=os.path.dirname(log), check=True)
     with open(res_path) as f:
         res = json.load(f)
     if res["rc"] != 0:
