@@ -50,7 +50,8 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
     L (bf16) and H (fp16): base + 2 experts 0.5 % away, 1024-wide (1M-element matrices, coarse 16-bit task
     vectors: ties at every cut).
 
-    tolerance: "exact" (the same bytes); "fp32" (rtol 1e-6, atol 1e-7); "1ulp" (<= 1 ulp of the 16-bit output
+    tolerance: "exact" (the same bytes); "exact_cast" (the same bytes once mergekit's fp32 output is cast to the
+    model's dtype, which fastmerge writes); "fp32" (rtol 1e-6, atol 1e-7); "1ulp" (<= 1 ulp of the 16-bit output
     dtype, < 1 % of elements differ at all). ulps are taken at the largest operand (inputs, deltas, merged
     delta, result): results near 0 come from cancellation."""
     fb, f0, f1, f2 = F
@@ -183,6 +184,33 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
         "bf16_in_fp32_math_bf16_out": ("exact", {  # fp32 maths rounded once to out_dtype, in both
             "merge_method": "ties", "base_model": bb, "dtype": "float32", "out_dtype": "bfloat16",
             "models": [_m(b0, weight=0.5, density=0.3), _m(b1, weight=0.5, density=0.6)]}),
+        "nearswap_fp32": ("exact", {
+            "merge_method": "nearswap", "base_model": fb, "dtype": "float32", "parameters": {"t": 0.01},
+            "models": [_m(f1)]}),
+        "nearswap_bf16_gradient": ("exact", {
+            "merge_method": "nearswap", "base_model": bb, "parameters": {"t": [0.0001, 0.02]},
+            "models": [_m(b0)]}),
+        "model_stock_fp32": ("exact", {
+            "merge_method": "model_stock", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0), _m(f1), _m(f2)]}),
+        "model_stock_filter_wise_bf16": ("exact", {
+            "merge_method": "model_stock", "base_model": bb, "parameters": {"filter_wise": True},
+            "models": [_m(b0), _m(b1)]}),
+        "model_stock_fp32_out_bf16": ("exact", {
+            "merge_method": "model_stock", "base_model": fb, "dtype": "float32", "out_dtype": "bfloat16",
+            "parameters": {"filter_wise": [True, False]}, "models": [_m(f0), _m(f2)]}),
+        "sce_fp32_topk": ("exact", {
+            "merge_method": "sce", "base_model": fb, "dtype": "float32", "parameters": {"select_topk": 0.5},
+            "models": [_m(f0), _m(f1), _m(f2)]}),
+        "sce_bf16": ("exact", {
+            "merge_method": "sce", "base_model": bb, "models": [_m(b0), _m(b1)]}),
+        "sce_bf16_gradient_int8": ("exact", {
+            "merge_method": "sce", "base_model": bb, "parameters": {"select_topk": [0.1, 0.9], "int8_mask": True},
+            "models": [_m(b0), _m(b1)]}),
+        "arcee_fusion_fp32": ("exact", {
+            "merge_method": "arcee_fusion", "base_model": fb, "dtype": "float32", "models": [_m(f2)]}),
+        "arcee_fusion_bf16": ("exact_cast", {  # mergekit writes its fp32-promoted result; fastmerge the dtype
+            "merge_method": "arcee_fusion", "base_model": bb, "models": [_m(b1)]}),
         **large_configs(L, "bf16"), **large_configs(H, "fp16"),
     }
 
@@ -204,6 +232,13 @@ def large_configs(L: list[str], tag: str) -> dict[str, tuple[str, dict]]:
         f"{tag}_large_breadcrumbs": ("exact", {
             "merge_method": "breadcrumbs", "base_model": lb,
             "models": [_m(l0, weight=1.0, density=0.25, gamma=0.1), _m(l1, weight=-0.5, density=0.75)]}),
+        f"{tag}_large_nearswap": ("exact", {
+            "merge_method": "nearswap", "base_model": lb, "parameters": {"t": 0.0005}, "models": [_m(l1)]}),
+        f"{tag}_large_model_stock": ("exact", {
+            "merge_method": "model_stock", "base_model": lb, "models": [_m(l0), _m(l1)]}),
+        f"{tag}_large_sce": ("exact", {
+            "merge_method": "sce", "base_model": lb, "parameters": {"select_topk": 0.3},
+            "models": [_m(l0), _m(l1)]}),
         f"{tag}_large_task_arithmetic": ("exact", {
             "merge_method": "task_arithmetic", "base_model": lb, "parameters": {"normalize": True},
             "models": [_m(l0, weight=0.3), _m(l1, weight=0.9)]}),
@@ -349,8 +384,10 @@ def compare_dirs(mk_dir: str, fm_dir: str, tol: str, env: Env, name: str) -> dic
     for k in sorted(mk):
         a, b = mk[k], fm[k]
         assert b.shape == a.shape, f"{k}: shape {tuple(b.shape)} != mergekit {tuple(a.shape)}"
+        if tol == "exact_cast":  # mergekit's result rounded to fastmerge's output dtype, then the same bytes
+            a = a.to(b.dtype)
         assert b.dtype == a.dtype, f"{k}: dtype {b.dtype} != mergekit {a.dtype}"
-        if tol == "exact":
+        if tol in ("exact", "exact_cast"):
             same = torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
             st["elements"] += a.numel()
             if not same:

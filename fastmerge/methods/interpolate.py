@@ -1,0 +1,105 @@
+"""nearswap, model_stock, sce and arcee_fusion: mergekit 0.1.5's methods that weigh the base against the
+fine-tuned models per element, per filter or by task-vector statistics, op for op in the inputs' dtype, so that
+they give mergekit's bytes (its whole-tensor ops round every intermediate; the same ops here round the same
+way). sce's top-k variance mask is ops.order_window's replay of torch.topk (same tie order, no sort)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .base import REQUIRED, SHARED, Method, Param, TensorCall
+from .registry import register
+
+
+def _nearswap(c: TensorCall) -> torch.Tensor:
+    """Take the other model's value where it is within t of the base, interpolate towards the base as
+    t / |base - other| where it is farther."""
+    a, b = c.base, c.experts[0]
+    weight = (c.shared["t"] / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+    return (weight * b + (1 - weight) * a).to(c.out_dtype)
+
+
+def _model_stock(c: TensorCall) -> torch.Tensor:
+    """Model Stock: the average of the fine-tuned models, pulled towards the base by t = k cos / (1 + (k-1) cos)
+    with cos the mean pairwise cosine of their task vectors (per tensor, or per row with ``filter_wise``); the
+    base where 1 + (k-1) cos vanishes."""
+    w0, ws = c.base, c.experts
+    shape = w0.shape
+    if c.shared["filter_wise"]:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i, oa in enumerate(offsets):
+        for ob in offsets[i + 1:]:
+            norms = torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)
+            cos.append(((oa * ob).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    k = len(ws)
+    den = 1 + (k - 1) * cos_theta
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos_theta),
+                    (k * cos_theta) / torch.where(singular, torch.ones_like(den), den))
+    average = sum(ws) / k
+    return (t * average + (1 - t) * w0).reshape(shape).to(c.out_dtype)
+
+
+def _sce(c: TensorCall) -> torch.Tensor:
+    """SCE: keep the elements whose task vectors vary most across the models (top select_topk of the nonzero
+    variances), elect signs by sum, weight each model by its task vector's mean square."""
+    base, experts = c.base, c.experts
+    if not experts:
+        return base.to(c.out_dtype)
+    tvs = torch.stack([x - base for x in experts], dim=0)
+    density = c.shared["select_topk"]
+    if density < 1:
+        if density <= 0:
+            tvs = tvs * torch.zeros_like(tvs[0])
+        else:
+            var = torch.var(tvs, dim=0, unbiased=False)
+            k = int(torch.count_nonzero(var) * density)
+            keep = ops.order_window(var, 0, k, topk=True) if k else torch.zeros_like(var, dtype=torch.bool)
+            tvs = tvs * keep.to(tvs.dtype).unsqueeze(0)
+    vote = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+    erase = tvs.sign() == vote
+    w = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = torch.sum(w).item()
+    w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
+    w = w.reshape(-1, *([1] * (tvs.dim() - 1))) * erase
+    merged = (tvs * w).sum(dim=0) / torch.sum(w, dim=0).clamp(min=1e-6)
+    return (base + merged).to(c.out_dtype)
+
+
+_QUANTILES = (0.25, 0.5, 0.75)
+
+
+def _arcee_fusion(c: TensorCall) -> torch.Tensor:
+    """Arcee Fusion: take the other model's value where its importance |delta| * KL(softmax rows) reaches
+    median + 1.5 IQR of the importances, the base elsewhere. mergekit estimates the quartiles from 1M random
+    samples above 1M elements (its global RNG: not reproducible); fastmerge takes the exact quartiles there."""
+    base, other = c.base, c.experts[0]
+    diff = (other - base).abs()
+    p = torch.nn.functional.softmax(other, dim=-1) + 1e-8
+    q = torch.nn.functional.softmax(base, dim=-1) + 1e-8
+    importance = diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    del diff, p, q
+    flat = torch.sort(importance.reshape(-1)).values
+    idx = (torch.tensor(_QUANTILES) * (flat.numel() - 1)).long()
+    q1, median, q3 = flat[idx.to(flat.device)]
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    return (base + (other - base) * mask).to(c.out_dtype)
+
+
+register(
+    Method("nearswap", (Param("t", SHARED, float, REQUIRED),), _nearswap, min_inputs=2, max_inputs=2,
+           doc="the other model where it is within t of the base, else interpolated towards the base"),
+    Method("model_stock", (Param("filter_wise", SHARED, bool, False),), _model_stock, min_inputs=3,
+           doc="Model Stock: the experts' average pulled towards the base by their task vectors' mean cosine"),
+    Method("sce", (Param("int8_mask", SHARED, bool, False), Param("select_topk", SHARED, float, 1.0)), _sce,
+           doc="SCE: select the highest-variance elements, elect signs, weight models by mean square"),
+    Method("arcee_fusion", (), _arcee_fusion, min_inputs=2, max_inputs=2,
+           doc="the other model where its KL-weighted importance passes median + 1.5 IQR, else the base"),
+)
