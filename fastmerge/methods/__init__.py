@@ -3,7 +3,7 @@
 To add a method, write one module here and import it below (docs/ARCHITECTURE.md, "How to add a method").
 """
 
-from . import doge, interpolate, linear, subspace, tall, task_arithmetic  # noqa: F401 - importing registers the methods
+from . import doge, interpolate, linear, spherical, subspace, tall, task_arithmetic  # noqa: F401 - importing registers the methods
 from .base import INPUT, NONBASE, REQUIRED, SHARED, Method, Param, TensorCall, param_specs
 from .registry import METHODS, get, register, resolve, validate
 

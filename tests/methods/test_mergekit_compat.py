@@ -211,6 +211,17 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
             "merge_method": "arcee_fusion", "base_model": fb, "dtype": "float32", "models": [_m(f2)]}),
         "arcee_fusion_bf16": ("exact_cast", {  # mergekit writes its fp32-promoted result; fastmerge the dtype
             "merge_method": "arcee_fusion", "base_model": bb, "models": [_m(b1)]}),
+        "multislerp_fp32_base": ("exact", {
+            "merge_method": "multislerp", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=0.5), _m(f1, weight=0.3), _m(f2, weight=[0.2, 1.0])]}),
+        "multislerp_bf16_no_base": ("exact", {
+            "merge_method": "multislerp", "parameters": {"normalize_weights": False},
+            "models": [_m(b0, weight=0.6), _m(b1, weight=0.4), _m(bb, weight=0.2)]}),
+        "karcher_fp32": ("exact", {
+            "merge_method": "karcher", "dtype": "float32", "models": [_m(f0), _m(f1), _m(f2)]}),
+        "karcher_bf16_base_iter": ("exact_cast", {  # mergekit's fp32 norms promote its result to fp32
+            "merge_method": "karcher", "base_model": bb, "parameters": {"max_iter": 3, "tol": 1e-4},
+            "models": [_m(b0), _m(b1)]}),
         **large_configs(L, "bf16"), **large_configs(H, "fp16"),
     }
 
@@ -239,6 +250,8 @@ def large_configs(L: list[str], tag: str) -> dict[str, tuple[str, dict]]:
         f"{tag}_large_sce": ("exact", {
             "merge_method": "sce", "base_model": lb, "parameters": {"select_topk": 0.3},
             "models": [_m(l0), _m(l1)]}),
+        f"{tag}_large_multislerp": ("exact", {
+            "merge_method": "multislerp", "base_model": lb, "models": [_m(l0, weight=0.7), _m(l1, weight=0.3)]}),
         f"{tag}_large_task_arithmetic": ("exact", {
             "merge_method": "task_arithmetic", "base_model": lb, "parameters": {"normalize": True},
             "models": [_m(l0, weight=0.3), _m(l1, weight=0.9)]}),
