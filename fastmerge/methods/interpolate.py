@@ -1,7 +1,8 @@
-"""nearswap, model_stock, sce and arcee_fusion: mergekit 0.1.5's methods that weigh the base against the
-fine-tuned models per element, per filter or by task-vector statistics, op for op in the inputs' dtype, so that
-they give mergekit's bytes (its whole-tensor ops round every intermediate; the same ops here round the same
-way). sce's top-k variance mask is ops.order_window's replay of torch.topk (same tie order, no sort)."""
+"""nearswap, model_stock, sce, ram, ramplus_tl and arcee_fusion: mergekit 0.1.5's methods that weigh the base
+against the fine-tuned models per element, per filter or by task-vector statistics, op for op in the inputs'
+dtype, so that they give mergekit's bytes (its whole-tensor ops round every intermediate; the same ops here
+round the same way). sce's top-k variance mask is ops.order_window's replay of torch.topk (same tie order, no
+sort)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,38 @@ def _arcee_fusion(c: TensorCall) -> torch.Tensor:
     return (base + (other - base) * mask).to(c.out_dtype)
 
 
+def _ram_vectors(c: TensorCall):
+    """Task vectors (T, N), which entries count (|tau| > epsilon), how many models count per entry."""
+    tv = torch.stack([x - c.base for x in c.experts], dim=0).view(len(c.experts), -1)
+    nonzero = tv.abs() > c.shared["epsilon"]
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return tv, nonzero, counts, counts > 1, counts == 1
+
+
+def _ram(c: TensorCall) -> torch.Tensor:
+    """RAM: entries one model changes take its task vector, entries several change take their mean."""
+    if not c.experts:
+        return c.base.to(c.out_dtype)
+    tv, nonzero, counts, overlap, unique = _ram_vectors(c)
+    z = tv * nonzero
+    merged = ((z * unique) + (z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return (c.base + merged.reshape_as(c.base)).to(c.out_dtype)
+
+
+def _ramplus_tl(c: TensorCall) -> torch.Tensor:
+    """RAM+ (tensor-local): as RAM, the unique entries of each model scaled by 1 + r * min(rho, alpha), rho its
+    shared/unique entry ratio in this tensor."""
+    if not c.experts:
+        return c.base.to(c.out_dtype)
+    tv, nonzero, counts, overlap, unique = _ram_vectors(c)
+    eps = c.shared["epsilon"]
+    rho = (nonzero & overlap).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=eps)
+    lam = 1 + c.shared["r"] * rho.clamp(min=0, max=c.shared["alpha"])
+    z = tv * nonzero
+    merged = ((z * unique * lam.unsqueeze(-1)) + (z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return (c.base + merged.reshape_as(c.base)).to(c.out_dtype)
+
+
 register(
     Method("nearswap", (Param("t", SHARED, float, REQUIRED),), _nearswap, min_inputs=2, max_inputs=2,
            doc="the other model where it is within t of the base, else interpolated towards the base"),
@@ -100,6 +133,11 @@ register(
            doc="Model Stock: the experts' average pulled towards the base by their task vectors' mean cosine"),
     Method("sce", (Param("int8_mask", SHARED, bool, False), Param("select_topk", SHARED, float, 1.0)), _sce,
            doc="SCE: select the highest-variance elements, elect signs, weight models by mean square"),
+    Method("ram", (Param("epsilon", SHARED, float, 1e-5),), _ram,
+           doc="RAM: unique changes kept, overlapping changes averaged"),
+    Method("ramplus_tl", (Param("r", SHARED, float, 0.1), Param("alpha", SHARED, float, 0.2),
+                          Param("epsilon", SHARED, float, 1e-5)), _ramplus_tl,
+           doc="RAM+ (tensor-local): RAM with unique changes rescaled by the tensor's shared/unique ratio"),
     Method("arcee_fusion", (), _arcee_fusion, min_inputs=2, max_inputs=2,
            doc="the other model where its KL-weighted importance passes median + 1.5 IQR, else the base"),
 )

@@ -1,6 +1,7 @@
-"""multislerp and karcher: mergekit 0.1.5's interpolations on the hypersphere (barycentric slerp through the
-tangent space at the weighted mean; the Riemannian (Karcher) mean of the unit directions), op for op in the
-inputs' dtype with mergekit's fp32 norms, so that they give its bytes."""
+"""multislerp, karcher and nuslerp: mergekit 0.1.5's interpolations on the hypersphere (barycentric slerp
+through the tangent space at the weighted mean; the Riemannian (Karcher) mean of the unit directions; slerp of
+two models' (task) vectors per row or flattened), op for op in the inputs' dtype with mergekit's fp32 norms,
+so that they give its bytes."""
 
 from __future__ import annotations
 
@@ -91,6 +92,46 @@ def _karcher(c: TensorCall) -> torch.Tensor:
     return (scale * mean).to(c.out_dtype)
 
 
+def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: bool,
+                  eps: float = 1e-8) -> torch.Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
+    if dim != -1 and not flatten:
+        res = res.transpose(dim, -1)
+    return res.reshape(shape)
+
+
+def _nuslerp(c: TensorCall) -> torch.Tensor:
+    """slerp of the two non-base models (or of their task vectors, with a base) at t = w1 / (w0 + w1), per row
+    (``nuslerp_row_wise``: per column of the weight), or of the flattened tensors (``nuslerp_flatten``)."""
+    (x0, x1), base = c.experts, c.base
+    w = [p["weight"] for p in c.expert_params]
+    total = sum(w)
+    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    dim = 0 if c.shared["nuslerp_row_wise"] else -1
+    flatten = c.shared["nuslerp_flatten"]
+    if base is not None:
+        return (base + _nuslerp_pair(t, x0 - base, x1 - base, dim, flatten)).to(c.out_dtype)
+    return _nuslerp_pair(t, x0, x1, dim, flatten).to(c.out_dtype)
+
+
+def _nuslerp_check(cfg) -> None:
+    if len(cfg.experts) != 2:
+        raise ConfigError(f"merge_method nuslerp takes exactly two models besides the base, got {len(cfg.experts)}")
+
+
 register(
     Method("multislerp", (Param("weight", NONBASE, float), Param("normalize_weights", SHARED, bool, True),
                           Param("eps", SHARED, float, 1e-8)), _multislerp, base="optional",
@@ -98,4 +139,7 @@ register(
            doc="barycentric slerp of the (task) vectors through the tangent space at their weighted mean"),
     Method("karcher", (Param("max_iter", SHARED, int, 10, 0), Param("tol", SHARED, float, 1e-5)), _karcher,
            base="optional", doc="Karcher (Riemannian) mean of the models' directions, scaled by their mean norm"),
+    Method("nuslerp", (Param("weight", NONBASE, float), Param("nuslerp_row_wise", SHARED, bool, False),
+                       Param("nuslerp_flatten", SHARED, bool, True)), _nuslerp, base="optional",
+           check=_nuslerp_check, doc="slerp of two models (or their task vectors) at t = w1 / (w0 + w1)"),
 )

@@ -222,6 +222,26 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
         "karcher_bf16_base_iter": ("exact_cast", {  # mergekit's fp32 norms promote its result to fp32
             "merge_method": "karcher", "base_model": bb, "parameters": {"max_iter": 3, "tol": 1e-4},
             "models": [_m(b0), _m(b1)]}),
+        "nuslerp_fp32_base_flatten": ("exact", {
+            "merge_method": "nuslerp", "base_model": fb, "dtype": "float32",
+            "models": [_m(f0, weight=0.3), _m(f1, weight=0.7)]}),
+        "nuslerp_bf16_row_wise": ("exact", {
+            "merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            "models": [_m(b0, weight=1.0), _m(b1, weight=2.0)]}),
+        "nuslerp_fp32_rows_base": ("exact", {
+            "merge_method": "nuslerp", "base_model": fb, "dtype": "float32", "parameters": {"nuslerp_flatten": False},
+            "models": [_m(f2, weight=0.5), _m(f0, weight=0.5)]}),
+        "ram_fp32": ("exact", {
+            "merge_method": "ram", "base_model": fb, "dtype": "float32", "parameters": {"epsilon": 0.01},
+            "models": [_m(f0), _m(f1), _m(f2)]}),
+        "ram_bf16": ("exact", {
+            "merge_method": "ram", "base_model": bb, "parameters": {"epsilon": 0.005}, "models": [_m(b0), _m(b1)]}),
+        "ramplus_tl_fp32": ("exact", {
+            "merge_method": "ramplus_tl", "base_model": fb, "dtype": "float32",
+            "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.9}, "models": [_m(f0), _m(f1), _m(f2)]}),
+        "ramplus_tl_bf16": ("exact_cast", {  # mergekit's fp32 lambda promotes its result to fp32
+            "merge_method": "ramplus_tl", "base_model": bb, "parameters": {"epsilon": 0.005},
+            "models": [_m(b0), _m(b1)]}),
         **large_configs(L, "bf16"), **large_configs(H, "fp16"),
     }
 
