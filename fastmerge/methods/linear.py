@@ -1,4 +1,5 @@
-"""linear, slerp and passthrough: mergekit 0.1.5's maths (fp32, rounded once), on the weighted-sum kernel."""
+"""linear, slerp and passthrough: mergekit 0.1.5's maths. linear gives its bytes (its fp32 accumulation, op for
+op); slerp is its fp32 formula on the weighted-sum kernel, within one rounding of it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ from .registry import register
 
 
 def _linear(c: TensorCall) -> torch.Tensor:
-    w = [p["weight"] for p in c.per_input]
-    return ops.weighted_sum(c.inputs, w, mean=c.shared["normalize"], out_dtype=c.out_dtype)
+    """mergekit's linear, op for op: an fp32 accumulator += x_i * w_i in config order (torch's addcmul), divided
+    by the fp32 sum of the weights, rounded to the inputs' dtype: its bytes."""
+    x0 = c.inputs[0]
+    w = torch.tensor([p["weight"] for p in c.per_input], dtype=torch.float32)
+    acc = torch.zeros_like(x0, dtype=torch.float32)
+    for x, wi in zip(c.inputs, w.unbind(0), strict=True):
+        acc.addcmul_(x, wi.to(x.device))
+    if c.shared["normalize"]:
+        acc.div_(w.sum().to(x0.device))
+    return acc.to(x0.dtype).to(c.out_dtype)
 
 
 def _passthrough(c: TensorCall) -> torch.Tensor:

@@ -59,11 +59,11 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
     attn_mlp_t = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]},
                   {"value": 0.5}]
     return {
-        "linear_normalize": ("fp32", {
+        "linear_normalize": ("exact", {
             "merge_method": "linear", "dtype": "float32",
             "models": [_m(fb, weight=0.2), _m(f0, weight=1.0), _m(f1, weight=[0.5, 2.0]),
                        _m(f2, weight=[{"filter": "mlp", "value": 0.1}, {"value": 0.7}])]}),
-        "linear_no_normalize": ("fp32", {
+        "linear_no_normalize": ("exact", {
             "merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False},
             "models": [_m(f0, weight=0.3), _m(f1, weight=0.6), _m(f2, weight=-0.2)]}),
         "task_arithmetic_lambda": ("exact", {
@@ -130,7 +130,7 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
             "merge_method": "task_arithmetic", "base_model": fb, "dtype": "float32", "parameters": {"weight": 0.7},
             "models": [_m(f0, weight=[{"filter": "mlp", "value": 0.2}]),
                        _m(f1, weight=[{"filter": "*", "value": 0.4}])]}),
-        "linear_bool_gradient": ("fp32", {  # a gradient of booleans picks values[int(t * (n - 1))]
+        "linear_bool_gradient": ("exact", {  # a gradient of booleans picks values[int(t * (n - 1))]
             "merge_method": "linear", "dtype": "float32", "parameters": {"normalize": [True, False]},
             "models": [_m(f0, weight=0.3), _m(f1, weight=0.3)]}),
         "breadcrumbs": ("exact", {
@@ -166,7 +166,7 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
             "merge_method": "passthrough", "dtype": "float32",
             "models": [_m(f1, scale=[{"filter": "mlp", "value": 2.0}, {"filter": "embed", "value": 0.5},
                                      {"value": 1.0}])]}),
-        "bf16_linear": ("1ulp", {  # mergekit's linear kernel works in fp32 and rounds once, like fastmerge
+        "bf16_linear": ("exact", {  # mergekit's linear kernel works in fp32 and rounds once, like fastmerge
             "merge_method": "linear", "dtype": "bfloat16",
             "models": [_m(bb, weight=0.6), _m(b0, weight=0.3), _m(b1, weight=0.2)]}),
         "bf16_task_arithmetic": ("exact", {  # weights exact in bf16 (mergekit rounds them to bf16)
@@ -175,7 +175,7 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
         "bf16_ties": ("exact", {  # the benchmark's setting: mergekit ranks and sums bf16-rounded task vectors
             "merge_method": "ties", "base_model": bb, "dtype": "bfloat16",
             "models": [_m(b0, weight=0.5, density=0.5), _m(b1, weight=0.5, density=0.5)]}),
-        "bf16_in_fp32_math": ("fp32", {  # bf16 checkpoints, fp32 maths: fp32 output
+        "bf16_in_fp32_math": ("exact", {  # bf16 checkpoints, fp32 maths: fp32 output
             "merge_method": "linear", "dtype": "float32",
             "models": [_m(bb, weight=1.0), _m(b0, weight=0.3), _m(b1, weight=0.2)]}),
         "fp32_math_fp16_out": ("exact", {
@@ -272,6 +272,8 @@ def large_configs(L: list[str], tag: str) -> dict[str, tuple[str, dict]]:
             "models": [_m(l0), _m(l1)]}),
         f"{tag}_large_multislerp": ("exact", {
             "merge_method": "multislerp", "base_model": lb, "models": [_m(l0, weight=0.7), _m(l1, weight=0.3)]}),
+        f"{tag}_large_linear": ("exact", {
+            "merge_method": "linear", "models": [_m(lb, weight=0.2), _m(l0, weight=0.5), _m(l1, weight=0.35)]}),
         f"{tag}_large_task_arithmetic": ("exact", {
             "merge_method": "task_arithmetic", "base_model": lb, "parameters": {"normalize": True},
             "models": [_m(l0, weight=0.3), _m(l1, weight=0.9)]}),
