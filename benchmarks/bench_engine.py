@@ -45,7 +45,15 @@ METHODS = {  # mergekit's YAML; per-model parameters for ft0 and ft1
     "tsv_m": {},      # not in mergekit 0.1.5: fastmerge alone, against a wall-time target
     "iso_c": {},
 }
-MERGEKIT_HAS = ("ties", "task_arithmetic", "dare_ties")
+# mergekit's other methods, each against mergekit-yaml on the same family: per-model parameters, plus
+# "_global" (top-level parameters), "_n" (experts used, default 2) and "_base" (False: no base_model)
+NEW_METHODS = {
+    "linear": {"weight": 0.5, "_base": False}, "nearswap": {"_global": {"t": 0.001}, "_n": 1},
+    "model_stock": {}, "sce": {"_global": {"select_topk": 0.5}}, "arcee_fusion": {"_n": 1},
+    "multislerp": {"weight": 0.5}, "karcher": {}, "nuslerp": {"weight": 0.5}, "ram": {}, "ramplus_tl": {},
+}
+METHODS.update(NEW_METHODS)
+MERGEKIT_HAS = ("ties", "task_arithmetic", "dare_ties", *NEW_METHODS)
 TARGETS = {"ties": {"speedup": 15.0, "rss_ratio": 0.5}, "task_arithmetic": {"speedup": 5.0},
            "tsv_m": {"max_wall_s": 60.0}, "iso_c": {"max_wall_s": 60.0}}
 
@@ -74,8 +82,17 @@ def family() -> list[str]:
 
 
 def _config(method: str, models: list[str]) -> str:
-    cfg = {"merge_method": method, "base_model": models[0], "dtype": "bfloat16",
-           "models": [{"model": m, "parameters": dict(METHODS[method])} for m in models[1:]]}
+    spec = METHODS[method]
+    per = {k: v for k, v in spec.items() if not k.startswith("_")}
+    experts = models[1:1 + spec.get("_n", 2)]
+    if spec.get("_base", True):
+        cfg = {"merge_method": method, "base_model": models[0], "dtype": "bfloat16"}
+    else:  # the base as one more weighted model
+        cfg = {"merge_method": method, "dtype": "bfloat16"}
+        experts = [models[0], *experts]
+    cfg["models"] = [{"model": m, "parameters": dict(per)} if per else {"model": m} for m in experts]
+    if "_global" in spec:
+        cfg["parameters"] = dict(spec["_global"])
     path = os.path.join(CACHE, f"{method}.yml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)

@@ -29,21 +29,21 @@ struct Key {
     return k > 0x7F800001u ? 0x7F800001u : k;
   }
 };
+// a 16-bit float's magnitude bits, every NaN (above kInf) folded onto kInf + 1
+template <uint16_t kInf>
+inline uint16_t key16(uint16_t bits) {
+  const uint16_t k = bits & 0x7FFFu;
+  return k > kInf + 1 ? uint16_t(kInf + 1) : k;
+}
 template <>
 struct Key<at::BFloat16> {
   using type = uint16_t;
-  static uint16_t of(at::BFloat16 x) {
-    const uint16_t k = x.x & 0x7FFFu;
-    return k > 0x7F81u ? 0x7F81u : k;
-  }
+  static uint16_t of(at::BFloat16 x) { return key16<0x7F80u>(x.x); }
 };
 template <>
 struct Key<at::Half> {
   using type = uint16_t;
-  static uint16_t of(at::Half x) {
-    const uint16_t k = x.x & 0x7FFFu;
-    return k > 0x7C01u ? 0x7C01u : k;
-  }
+  static uint16_t of(at::Half x) { return key16<0x7C00u>(x.x); }
 };
 
 constexpr int64_t kThreshold = 16;  // libstdc++'s _S_threshold
