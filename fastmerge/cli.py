@@ -20,8 +20,7 @@ NOOP_FLAGS = {
     "async_write": "a writer thread always writes while the next tensors merge",
     "write_threads": "one writer thread",
     "transformers_cache": "models are local folders; nothing is downloaded",
-    "lora_merge_cache": "LoRA inputs are not supported",
-    "lora_merge_dtype": "LoRA inputs are not supported",
+    "lora_merge_cache": "LoRA adapters (MODEL+ADAPTER) are applied as tensors are read; no merged copy is written",
     "verbosity": "fastmerge prints one summary line (--quiet: none)",
 }
 # mergekit-yaml's flags whose feature fastmerge lacks: an error naming it, before anything is read
@@ -29,6 +28,8 @@ UNSUPPORTED_FLAGS = {
     "unsafe_truncate_embeddings": "--unsafe-truncate-embeddings is not supported (embedding rows are never "
                                   "discarded)",
     "no_safe_serialization": "--no-safe-serialization is not supported: fastmerge writes safetensors only",
+    "lora_merge_dtype": "--lora-merge-dtype is not supported: a LoRA adapter is applied in its model's own dtype "
+                        "(mergekit's default)",
 }
 
 
@@ -66,7 +67,7 @@ def _merge_args(m: argparse.ArgumentParser, mergekit: bool) -> None:
         flag = "--" + name.replace("_", "-")
         if name == "verbosity":
             k.add_argument("-v", "--verbose", dest=name, action="count", default=0, help=why)
-        elif name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype", "write_threads"):
+        elif name in ("transformers_cache", "lora_merge_cache", "write_threads"):
             k.add_argument(flag, default=None, help=why)
         else:
             k.add_argument(flag, action=B, default=False, help=why)
@@ -74,6 +75,7 @@ def _merge_args(m: argparse.ArgumentParser, mergekit: bool) -> None:
     u.add_argument("--unsafe-truncate-embeddings", action="store_true", help=UNSUPPORTED_FLAGS[
         "unsafe_truncate_embeddings"])
     u.add_argument("--safe-serialization", action=B, default=True, help="only safetensors are written")
+    u.add_argument("--lora-merge-dtype", default=None, help=UNSUPPORTED_FLAGS["lora_merge_dtype"])
     m.list_methods = True
     m.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -133,6 +135,8 @@ def _mergekit_flags(args: argparse.Namespace) -> str | None:
         return UNSUPPORTED_FLAGS["unsafe_truncate_embeddings"]
     if not args.safe_serialization:
         return UNSUPPORTED_FLAGS["no_safe_serialization"]
+    if args.lora_merge_dtype is not None:
+        return UNSUPPORTED_FLAGS["lora_merge_dtype"]
     if args.num_threads is not None:
         if args.num_threads < 1:
             return f"-j/--num-threads: expected a positive number of threads, got {args.num_threads}"

@@ -1,10 +1,20 @@
-"""Merge configurations: mergekit's YAML (``models:`` form), validated strictly, resolved per tensor.
+"""Merge configurations: mergekit's YAML (``models:`` or ``slices:`` form), validated strictly, resolved per tensor.
 
 A config names a ``merge_method``, an optional ``base_model``, the ``models`` with per-model ``parameters``,
 global ``parameters``, ``dtype`` (inputs are cast to it, as mergekit does) and ``out_dtype``. A parameter
 value is a scalar, a list (a gradient over the layer index, interpolated as mergekit does), or a list of
 ``{filter: substring-of-tensor-name, value: ...}`` conditions (the first match wins; no filter matches all).
 Per-model settings fall back to the global ``parameters``.
+
+``slices:`` (mergekit's layer-slice form) builds the output's layers slice by slice: each slice lists
+``sources`` (a model, a ``layer_range: [start, stop)`` and per-source ``parameters``), an optional
+``base_model`` and ``parameters``; all its sources span the same number of layers, which are merged pairwise and
+renumbered after the previous slices' layers. Parameters resolve source, then slice, then global; gradients run
+over each slice's layers. The tensors outside the layers come from the first slice's sources (embeddings) or the
+last slice's (norm, head), as in mergekit. The ``models:`` form is the one slice of every model's layers.
+
+A model reference ``MODEL+ADAPTER`` is a model with a PEFT LoRA adapter applied as its tensors are read
+(fastmerge.lora).
 
 fastmerge-only settings live under a top-level ``fastmerge:`` mapping, which mergekit ignores:
 ``compat`` (whose semantics: mergekit by default, or official/fusionbench/peft), ``trim`` (``tensor`` or
@@ -34,10 +44,9 @@ DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "fastmerge", "name")
 UNSUPPORTED_KEYS = {
-    "slices": "layer slices are not supported yet; list whole models under 'models:'",
     "modules": "multi-module configs are not supported yet; list whole models under 'models:'",
     "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
     "chat_template": "chat templates are not supported; the base model's tokenizer files are copied",
@@ -75,6 +84,30 @@ class InputModel:
     path: str
     parameters: dict[str, Any]
     label: str
+    lora: str | None = None           # a PEFT LoRA adapter folder applied to the model (``model: PATH+ADAPTER``)
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return self.path, self.lora
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: int                        # index into MergeConfig.models
+    start: int                        # layer_range [start, stop)
+    stop: int
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[SliceSource, ...]
+    base: int | None                  # index into MergeConfig.models: the slice's base_model, else the config's
+    parameters: dict[str, Any]
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].stop - self.sources[0].start
 
 
 @dataclass
@@ -87,6 +120,7 @@ class MergeConfig:
     out_dtype: torch.dtype | None
     options: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    slices: tuple[OutputSlice, ...] | None = None   # the ``slices:`` form; models then holds each model once
 
     @property
     def experts(self) -> list[InputModel]:
@@ -205,36 +239,53 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise ConfigError("config needs 'merge_method' (a method name)")
-    models_raw = data.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise ConfigError("config needs 'models:', a non-empty list of {model: PATH, parameters: {...}}")
+    models_raw, slices_raw = data.get("models"), data.get("slices")
+    if (models_raw is None) == (slices_raw is None):
+        raise ConfigError("config needs exactly one of 'models:' (whole models) and 'slices:' (layer ranges)")
 
-    def resolve(p: Any, where: str) -> str:
-        if not isinstance(p, str) or not p:
-            raise ConfigError(f"{where}: expected a model path, got {p!r}")
-        if "+" in p and not os.path.exists(os.path.join(root, p)):
-            raise ConfigError(f"{where}: 'model+lora' references are not supported ({p!r})")
+    def one(p: str) -> str:
         p = os.path.expanduser(p)
         if os.path.isabs(p) or os.path.exists(p) or root == os.getcwd():
             return os.path.abspath(p)  # as mergekit: relative to the working directory
         return os.path.normpath(os.path.join(root, p))  # else relative to the config file's folder
 
-    models: list[InputModel] = []
-    for i, m in enumerate(models_raw):
-        where = f"models[{i}]"
-        if isinstance(m, str):
-            m = {"model": m}
-        if not isinstance(m, dict) or "model" not in m:
-            raise ConfigError(f"{where}: expected a mapping with 'model:', got {m!r}")
-        extra = set(m) - {"model", "parameters"}
-        if extra:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; expected 'model' and 'parameters'")
+    def resolve(p: Any, where: str) -> tuple[str, str | None]:
+        """A model reference: a path, or mergekit's ``MODEL+LORA`` (unless a path of that name exists)."""
+        if not isinstance(p, str) or not p:
+            raise ConfigError(f"{where}: expected a model path, got {p!r}")
+        if "+" in p and not os.path.exists(one(p)):
+            parts = p.split("+")
+            if len(parts) != 2 or not all(parts):
+                raise ConfigError(f"{where}: expected MODEL or MODEL+LORA_ADAPTER, got {p!r}")
+            return one(parts[0]), one(parts[1])
+        return one(p), None
+
+    def params_of(m: dict, where: str) -> dict:
         params = m.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.parameters: expected a mapping, got {params!r}")
         for k, v in params.items():
             _check_setting(v, f"{where}.parameters.{k}")
-        models.append(InputModel(resolve(m["model"], where), dict(params), str(m["model"])))
+        return dict(params)
+
+    models: list[InputModel] = []
+    slices = None
+    if models_raw is not None:
+        if not isinstance(models_raw, list) or not models_raw:
+            raise ConfigError("config needs 'models:', a non-empty list of {model: PATH, parameters: {...}}")
+        for i, m in enumerate(models_raw):
+            where = f"models[{i}]"
+            if isinstance(m, str):
+                m = {"model": m}
+            if not isinstance(m, dict) or "model" not in m:
+                raise ConfigError(f"{where}: expected a mapping with 'model:', got {m!r}")
+            extra = set(m) - {"model", "parameters"}
+            if extra:
+                raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; expected 'model' and 'parameters'")
+            path, lora = resolve(m["model"], where)
+            models.append(InputModel(path, params_of(m, where), str(m["model"]), lora))
+    else:
+        slices = _parse_slices(slices_raw, models, resolve, params_of)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"parameters: expected a mapping, got {params!r}")
@@ -243,15 +294,18 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
 
     base = None
     if data.get("base_model") is not None:
-        bpath = resolve(data["base_model"], "base_model")
-        base = next((m for m in models if m.path == bpath), None)
+        bkey = resolve(data["base_model"], "base_model")
+        base = next((m for m in models if m.key == bkey), None)
         if base is None:
-            base = InputModel(bpath, {}, str(data["base_model"]))
+            base = InputModel(bkey[0], {}, str(data["base_model"]), bkey[1])
             models.append(base)
-    paths = [m.path for m in models]
-    dup = next((p for p in paths if paths.count(p) > 1), None)
+    if slices is not None:
+        bi = None if base is None else models.index(base)
+        slices = tuple(OutputSlice(s.sources, bi if s.base is None else s.base, s.parameters) for s in slices)
+    keys = [m.key for m in models]
+    dup = None if slices is not None else next((m for m in models if keys.count(m.key) > 1), None)
     if dup:
-        raise ConfigError(f"model {dup} is listed more than once")
+        raise ConfigError(f"model {dup.label} is listed more than once")
     ts = data.get("tokenizer_source")
     if ts not in (None, "base"):
         raise ConfigError(f"tokenizer_source: only 'base' is supported (the base's tokenizer is copied), got {ts!r}")
@@ -266,12 +320,70 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
         if allowed and v not in allowed:
             raise ConfigError(f"fastmerge.{k}: expected one of {', '.join(allowed)}, got {v!r}")
     cfg = MergeConfig(method, base, models, dict(params), parse_dtype(data.get("dtype"), "dtype"),
-                      parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), data)
+                      parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), data, slices)
     return cfg
+
+
+def _parse_slices(raw: Any, models: list[InputModel], resolve, params_of) -> list[OutputSlice]:
+    """``slices:`` into OutputSlices whose sources index ``models`` (each distinct model appended once); a
+    slice's own base_model is resolved here, the config's is filled in by the caller."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices: expected a non-empty list of {sources: [...], base_model?, parameters?}")
+
+    def index(key: tuple[str, str | None], label: str) -> int:
+        for i, m in enumerate(models):
+            if m.key == key:
+                return i
+        models.append(InputModel(key[0], {}, label, key[1]))
+        return len(models) - 1
+
+    out = []
+    for i, sl in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise ConfigError(f"{where}: expected a mapping with 'sources:', a non-empty list")
+        extra = set(sl) - {"sources", "base_model", "parameters", "residual_weight"}
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; expected sources, base_model, parameters")
+        if sl.get("residual_weight") is not None:
+            warnings.warn(f"{where}.residual_weight: ignored, as mergekit does", stacklevel=3)
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            w = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise ConfigError(f"{w}: expected a mapping with 'model:' and 'layer_range: [start, stop]'")
+            extra = set(src) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise ConfigError(f"{w}: unknown key(s) {sorted(extra)}; expected model, layer_range, parameters")
+            lr = src["layer_range"]
+            if (not isinstance(lr, list) or len(lr) != 2 or any(isinstance(x, bool) or not isinstance(x, int)
+                                                                 for x in lr) or not 0 <= lr[0] <= lr[1]):
+                raise ConfigError(f"{w}.layer_range: expected [start, stop] with 0 <= start <= stop, got {lr!r}")
+            mi = index(resolve(src["model"], w), str(src["model"]))
+            if any(s.model == mi for s in sources):
+                raise ConfigError(f"{w}: model {src['model']} is listed twice in this slice")
+            sources.append(SliceSource(mi, lr[0], lr[1], params_of(src, w)))
+        lengths = {s.stop - s.start for s in sources}
+        if len(lengths) > 1:
+            raise ConfigError(f"{where}: every source must span the same number of layers, got "
+                              f"{[[s.start, s.stop] for s in sources]}")
+        base = None
+        if sl.get("base_model") is not None:
+            base = index(resolve(sl["base_model"], f"{where}.base_model"), str(sl["base_model"]))
+        out.append(OutputSlice(tuple(sources), base, params_of(sl, where)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # per-tensor resolution (mergekit's rules)
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # a config.json's layer count
+
+
+def out_layers(cfg: MergeConfig) -> list[tuple[int, int]]:
+    """A ``slices:`` merge's output layers in order, each as (model index, layer) of its slice's first source."""
+    return [(sl.sources[0].model, sl.sources[0].start + i) for sl in cfg.slices for i in range(sl.num_layers)]
 
 
 def layer_index(name: str) -> int | None:

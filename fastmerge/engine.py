@@ -27,6 +27,7 @@ from .config import load as load_config
 from .execute import sinks
 from .execute.executor import Executor, MallocPolicy, peak_rss
 from .io import Checkpoint, OutputDir, check_mapped, parse_size
+from .lora import LoraCheckpoint
 from .plan import Group, Job
 from .plan import plan as planner
 from .plan.stats import global_trim
@@ -103,7 +104,8 @@ class Engine:
         ckpts: list[Checkpoint] = []
         try:
             for m in self.cfg.models:
-                ckpts.append(Checkpoint(m.path, name=m.label))
+                ckpts.append(Checkpoint(m.path, name=m.label) if m.lora is None else
+                             LoraCheckpoint(m.path, m.lora, name=m.label))
             jobs = planner.build(self.cfg, self.method, ckpts)
         except BaseException:
             for ck in ckpts:

@@ -3,8 +3,9 @@
     python tests/_mergekit_runner.py JOBS.json RESULTS.json
 
 JOBS.json is a list of ``[config_yaml_path, out_dir]``. Each config is run with
-``mergekit.merge.run_merge`` and ``MergeOptions(random_seed=0, copy_tokenizer=False, quiet=True)``, the same
-options ``mergekit-yaml CFG OUT --no-copy-tokenizer --random-seed 0 --quiet`` gives (run_merge re-seeds
+``mergekit.merge.run_merge`` and ``MergeOptions(random_seed=0, copy_tokenizer=False, quiet=True)`` (and a
+LoRA merge cache beside RESULTS.json), the same options ``mergekit-yaml CFG OUT --no-copy-tokenizer
+--random-seed 0 --quiet --lora-merge-cache DIR`` gives (run_merge re-seeds
 before every merge, so each result is the same as a lone run of that config). A failing config does not stop
 the others: RESULTS.json gets one ``{"config", "out", "ok", "seconds", "error"}`` record per job, in order,
 plus the import time. The exit status is 0 even when a config fails (the tests look at each record).
@@ -26,7 +27,11 @@ def main(jobs_path: str, results_path: str) -> int:
     from mergekit.options import MergeOptions
 
     import_s = time.perf_counter() - t0
-    options = MergeOptions(random_seed=0, copy_tokenizer=False, quiet=True, write_model_card=False)
+    import os
+
+    lora_cache = os.path.join(os.path.dirname(os.path.abspath(results_path)), "lora_merge_cache")
+    options = MergeOptions(random_seed=0, copy_tokenizer=False, quiet=True, write_model_card=False,
+                           lora_merge_cache=lora_cache)
     with open(jobs_path) as f:
         jobs = json.load(f)
     records = []

@@ -154,3 +154,40 @@ def load_dir(d: str) -> dict[str, torch.Tensor]:
             wm = json.load(f)["weight_map"]
         assert wm == where, f"{d}: index.json weight_map disagrees with the shards"
     return out
+
+
+def make_lora(path: str, model: str, modules: list[str], *, r: int = 4, alpha: float = 8, dtype=torch.float32,
+              seed: int = 0, use_rslora: bool = False, rank_pattern: dict | None = None,
+              alpha_pattern: dict | None = None, modules_to_save: list[str] | None = None) -> str:
+    """A PEFT LoRA adapter folder for the model at ``model`` (as ``LoraModel.save_pretrained`` writes one):
+    lora_A/lora_B of the Linear layers whose name ends with one of ``modules`` (lora_embedding_A/B for
+    ``embed_tokens``), full copies of the ``modules_to_save`` weights; B is random too, so every delta is
+    non-zero. Ranks follow ``rank_pattern``."""
+    sd = load_dir(model)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in sd.items():
+        if not name.endswith(".weight") or w.dim() != 2:
+            continue
+        mod = name[: -len(".weight")]
+        if not any(mod.split(".")[-1] == m for m in modules):
+            continue
+        rank = next((v for k, v in (rank_pattern or {}).items() if mod.endswith(k)), r)
+        key = "base_model.model." + mod
+        if mod.endswith("embed_tokens"):
+            out[key + ".lora_embedding_A"] = (0.1 * torch.randn(rank, w.shape[0], generator=g)).to(dtype)
+            out[key + ".lora_embedding_B"] = (0.1 * torch.randn(w.shape[1], rank, generator=g)).to(dtype)
+        else:
+            out[key + ".lora_A.weight"] = (0.1 * torch.randn(rank, w.shape[1], generator=g)).to(dtype)
+            out[key + ".lora_B.weight"] = (0.1 * torch.randn(w.shape[0], rank, generator=g)).to(dtype)
+    for m in modules_to_save or []:
+        out[f"base_model.model.{m}.weight"] = (sd[f"{m}.weight"].float() + 0.01).to(sd[f"{m}.weight"].dtype)
+    os.makedirs(path, exist_ok=True)
+    save_file(out, os.path.join(path, "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model, "r": r,
+           "lora_alpha": alpha, "target_modules": modules, "lora_dropout": 0.0, "bias": "none",
+           "fan_in_fan_out": False, "use_rslora": use_rslora, "rank_pattern": rank_pattern or {},
+           "alpha_pattern": alpha_pattern or {}, "modules_to_save": modules_to_save, "inference_mode": True}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return path

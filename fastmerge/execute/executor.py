@@ -244,7 +244,7 @@ class Executor:
     def _sources(self, job: Job | Group) -> list[tuple[Checkpoint, TensorInfo]]:
         if isinstance(job, Group):
             return [s for j in job.jobs for s in self._sources(j)]
-        return list(zip(self.ckpts if len(job.sources) > 1 else [self.ref], job.sources, strict=True))
+        return [(self.ckpts[i], src) for i, src in zip(job.inputs, job.sources, strict=True)]
 
     def stream(self, jobs: list[Job | Group], fn: Callable[[Any, list], Any], desc: str,
                write: Callable[[Any], int] | None = None) -> None:
@@ -364,8 +364,7 @@ class Executor:
 
     def tensor_call(self, job: Job, tensors: list[torch.Tensor]) -> TensorCall:
         """What a method's ``fn``/``batch`` (or a store sink) gets for one job and its input tensors."""
-        bi = self.cfg.models.index(self.cfg.base) if self.cfg.base is not None else None
-        return TensorCall(job.name, tensors, bi, job.shared, list(job.per_input), self.seed, job.out_dtype,
+        return TensorCall(job.name, tensors, job.base_index, job.shared, list(job.per_input), self.seed, job.out_dtype,
                                   self.cfg.options, self.stats, self.notes)
 
     def merge(self, unit: Job | Group, tensors: list) -> tuple[Job | Group, Any]:
@@ -376,14 +375,15 @@ class Executor:
             try:
                 return unit, self.method.batch(calls)
             except (ValueError, RuntimeError) as e:
-                bad = "".join(self._nonfinite(ts) for ts in tensors)
+                bad = "".join(self._nonfinite(j, ts) for j, ts in zip(unit.jobs, tensors, strict=True))
                 raise type(e)(f"merging tensor(s) {unit.name!r} with {self.cfg.method}: {e}{bad}") from e
         if not unit.floating:
             return unit, tensors[0]
         try:
             return unit, self.method.fn(self.tensor_call(unit, tensors))
         except (ValueError, RuntimeError) as e:
-            raise type(e)(f"merging tensor {unit.name!r} with {self.cfg.method}: {e}{self._nonfinite(tensors)}") from e
+            bad = self._nonfinite(unit, tensors)
+            raise type(e)(f"merging tensor {unit.name!r} with {self.cfg.method}: {e}{bad}") from e
 
     def check_finite(self, job: Job, out: torch.Tensor) -> None:
         """On the writer thread: NaN/inf in a merged tensor is an error naming the tensor and the input(s) at
@@ -393,11 +393,12 @@ class Executor:
             return
         lo, hi = torch.aminmax(out)
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            inputs = [ck.read(src.name).to(out.device) for ck, src in zip(self.ckpts, job.sources, strict=False)]
-            why = self._nonfinite(inputs) or "; check the method's parameters"
+            inputs = [ck.read(src.name).to(out.device) for ck, src in self._sources(job)]
+            why = self._nonfinite(job, inputs) or "; check the method's parameters"
             raise ValueError(f"merging tensor {job.name!r} with {self.cfg.method} produced NaN/inf{why}")
 
-    def _nonfinite(self, tensors: list[torch.Tensor]) -> str:
-        bad = [m.label for m, x in zip(self.cfg.models, tensors, strict=True) if not bool(torch.isfinite(x).all())]
+    def _nonfinite(self, job: Job, tensors: list[torch.Tensor]) -> str:
+        bad = [self.cfg.models[i].label for i, x in zip(job.inputs, tensors, strict=True)
+               if not bool(torch.isfinite(x).all())]
         return f" (input(s) {', '.join(bad)} hold NaN/inf in this tensor)" if bad else ""
 

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import torch
 
+from ..config import LAYER_KEYS, out_layers
 from ..io import OWNER, SIDE_FILES, OutputDir, ShardedWriter
 from ..plan.jobs import Group
 from ..store import FORMAT
@@ -68,7 +69,8 @@ def copy_side_files(run, directory: str, tokenizer: bool = True) -> None:
 
 
 def _write_config(run, src: str, dst: str) -> None:
-    """config.json from the base, with its dtype set to the output's floating dtype."""
+    """config.json from the base, with its dtype set to the output's floating dtype and, for a ``slices:``
+    merge, its layer count (and per-layer lists such as ``layer_types``) set to the output's layers."""
     with open(src) as f:
         c = json.load(f)
     fl = [j.out_dtype for j in run.jobs if j.floating]
@@ -77,8 +79,21 @@ def _write_config(run, src: str, dst: str) -> None:
         for k in ("torch_dtype", "dtype"):
             if k in c:
                 c[k] = name
+    if run.cfg.slices is not None and isinstance(c, dict):
+        _set_layers(c.get("text_config", c), out_layers(run.cfg))
     with open(dst, "w") as f:
         json.dump(c, f, indent=2)
+
+
+def _set_layers(c: dict, layers: list[tuple[int, int]]) -> None:
+    """The layer count under the key the config uses, and every per-layer list (``layer_types``...)
+    rebuilt from the entries of the layers the output's layers come from."""
+    key = next((k for k in LAYER_KEYS if isinstance(c.get(k), int)), "num_hidden_layers")
+    n = c.get(key)
+    for k, v in c.items():
+        if "layer" in k and isinstance(v, list) and n and len(v) == n:
+            c[k] = [v[min(src, n - 1)] for _, src in layers]
+    c[key] = len(layers)
 
 
 def write_record(run, directory: str) -> None:

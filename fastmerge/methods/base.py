@@ -79,6 +79,8 @@ class Method:
     base: str = "required"           # required | optional | forbidden
     min_inputs: int = 1
     max_inputs: int | None = None
+    min_nonbase: int = 0             # inputs besides the base (mergekit's min_non_base / max_non_base)
+    max_nonbase: int | None = None
     sink: Callable[[Any, Any], dict] | None = None  # (run, OutputDir) -> summary extras: writes a multi-task
     #                                               store instead of one model (fastmerge.execute.sinks)
     doc: str = ""
@@ -134,20 +136,73 @@ def param_specs(method: Method, compat: str) -> tuple[Param, ...]:
     return tuple(Param(p.name, p.scope, p.kind, 1.0) if p.name == "weight" else p for p in method.params)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The models one tensor is merged from (the whole config's, or one slice's), where each one's parameter
+    settings come from (highest precedence first), and where the shared parameters come from."""
+
+    where: str
+    labels: tuple[str, ...]
+    params: tuple[tuple[dict[str, Any], ...], ...]
+    shared: tuple[dict[str, Any], ...]
+    base_index: int | None
+    models: tuple[int, ...]                          # indices into cfg.models
+
+
+def input_groups(cfg: MergeConfig) -> list[Inputs]:
+    """The ``models:`` form as one group; the ``slices:`` form as one group per slice."""
+    if cfg.slices is None:
+        bi = cfg.models.index(cfg.base) if cfg.base is not None else None
+        return [Inputs("models", tuple(m.label for m in cfg.models),
+                       tuple((m.parameters, cfg.parameters) for m in cfg.models), (cfg.parameters,), bi,
+                       tuple(range(len(cfg.models))))]
+    groups = []
+    for i, sl in enumerate(cfg.slices):
+        idx = tuple(s.model for s in sl.sources)
+        if sl.base is not None and sl.base not in idx:
+            raise ConfigError(f"slices[{i}]: base_model {cfg.models[sl.base].label} is not among its sources "
+                              "(list it with a layer_range)")
+        groups.append(Inputs(f"slices[{i}]", tuple(cfg.models[j].label for j in idx),
+                             tuple((s.parameters, sl.parameters, cfg.parameters) for s in sl.sources),
+                             (sl.parameters, cfg.parameters), None if sl.base is None else idx.index(sl.base), idx))
+    return groups
+
+
+def _check_counts(m: Method, g: Inputs, where: str) -> None:
+    if m.base == "required" and g.base_index is None:
+        raise ConfigError(f"merge_method {m.name} needs 'base_model'{where}")
+    if m.base == "forbidden" and g.base_index is not None:
+        raise ConfigError(f"merge_method {m.name} takes no 'base_model'{where}")
+    n = len(g.labels)
+    if n < m.min_inputs or (m.max_inputs is not None and n > m.max_inputs):
+        want = f"{m.min_inputs}" if m.max_inputs == m.min_inputs else f"{m.min_inputs}..{m.max_inputs or 'any'}"
+        raise ConfigError(f"merge_method {m.name} takes {want} models (base included), got {n}{where}")
+    k = n - (g.base_index is not None)
+    lo = max(m.min_nonbase, 1 if (m.store or m.base == "required") else 0)
+    if k < lo:
+        only = g.labels[g.base_index] if g.base_index is not None else "one model"
+        raise ConfigError(f"merge_method {m.name} needs at least {'one model' if lo == 1 else f'{lo} models'} "
+                          f"besides the base (lists only {only}){where}")
+    if m.max_nonbase is not None and k > m.max_nonbase:
+        raise ConfigError(f"merge_method {m.name} takes {'exactly' if lo == m.max_nonbase else 'at most'} "
+                          f"{m.max_nonbase} models besides the base, got {k}{where}")
+
+
 def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
     """The checks every method shares (base policy, input counts, parameter names, scopes and ranges, the
     method-specific ``fastmerge:`` options), then the method's own. ``methods`` (the registry) names the
     methods an option does apply to."""
     compat = cfg.options.get("compat", "mergekit")
-    if m.base == "required" and cfg.base is None:
-        raise ConfigError(f"merge_method {m.name} needs 'base_model'")
-    n = len(cfg.models)
-    if n < m.min_inputs or (m.max_inputs is not None and n > m.max_inputs):
-        want = f"{m.min_inputs}" if m.max_inputs == m.min_inputs else f"{m.min_inputs}..{m.max_inputs or 'any'}"
-        raise ConfigError(f"merge_method {m.name} takes {want} models (base included), got {n}")
-    if (m.store or m.base == "required") and len(cfg.experts) < 1:
-        raise ConfigError(f"merge_method {m.name} needs at least one model besides the base "
-                          f"(models: lists only {cfg.base.label if cfg.base else 'one model'})")
+    groups = input_groups(cfg)
+    if cfg.slices is not None:
+        whole = [why for why, on in (("a multi-task store", m.store), ("whole-model statistics", m.prepare),
+                                     ("same-shape stacks", m.batch), ("global trim", cfg.options.get("trim")
+                                                                      == "global")) if on]
+        if whole:
+            raise ConfigError(f"slices: merge_method {m.name} works on {whole[0]} of whole models; list whole "
+                              "models under 'models:'")
+    for g in groups:
+        _check_counts(m, g, "" if cfg.slices is None else f" in {g.where}")
     names = {p.name: p for p in param_specs(m, compat)}
     if "int8_mask" in cfg.parameters and "int8_mask" in names:
         warnings.warn("parameters.int8_mask: ignored (mergekit stores its masks as int8 to save memory; fastmerge's "
@@ -163,10 +218,21 @@ def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
             continue
         for leaf in _leaves(v):
             _check_range(names[k], leaf, f"parameters.{k}")
-    for i, model in enumerate(cfg.models):
-        for k, v in model.parameters.items():
+    per_input = ([(f"models[{i}] ({model.label})", model.parameters) for i, model in enumerate(cfg.models)]
+                 if cfg.slices is None else
+                 [(f"slices[{i}].sources[{j}] ({cfg.models[s.model].label})", s.parameters)
+                  for i, sl in enumerate(cfg.slices) for j, s in enumerate(sl.sources)])
+    for i, sl in enumerate(cfg.slices or ()):
+        for k, v in sl.parameters.items():
+            if k not in names:
+                leftover(k, f"slices[{i}].parameters.{k}")
+                continue
+            for leaf in _leaves(v):
+                _check_range(names[k], leaf, f"slices[{i}].parameters.{k}")
+    for who, settings in per_input:
+        for k, v in settings.items():
             p = names.get(k)
-            where = f"models[{i}] ({model.label}).parameters.{k}"
+            where = f"{who}.parameters.{k}"
             if p is None:
                 leftover(k, where)
                 continue
@@ -196,11 +262,15 @@ def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
         m.check(cfg)
 
 
-def resolve(m: Method, cfg: MergeConfig, tensor: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Shared and per-input parameter values for one tensor (mergekit's precedence: model, then global)."""
+def resolve(m: Method, cfg: MergeConfig, tensor: str, t: float,
+            group: Inputs | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Shared and per-input parameter values for one tensor of ``group`` (default: the ``models:`` form's one
+    group), in mergekit's precedence: the input's own settings, then its slice's, then the global ones."""
     specs = param_specs(m, cfg.options.get("compat", "mergekit"))
+    if group is None:
+        group = input_groups(cfg)[0]
 
-    def value(p: Param, sources: list[dict], where: str) -> Any:
+    def value(p: Param, sources: tuple[dict, ...], where: str) -> Any:
         for src in sources:
             if p.name in src:
                 v = evaluate(src[p.name], tensor, t, p.kind, f"{where}.{p.name}")
@@ -210,14 +280,14 @@ def resolve(m: Method, cfg: MergeConfig, tensor: str, t: float) -> tuple[dict[st
             raise ConfigError(f"{where}: missing required parameter {p.name!r} of {m.name} (tensor {tensor})")
         return p.default
 
-    shared = {p.name: value(p, [cfg.parameters], "parameters") for p in specs if p.scope == SHARED}
+    shared = {p.name: value(p, group.shared, "parameters") for p in specs if p.scope == SHARED}
     per_input = []
-    for model in cfg.models:
-        is_base = model is cfg.base
-        per_input.append({p.name: value(p, [model.parameters, cfg.parameters], model.label) for p in specs
+    for i, (label, sources) in enumerate(zip(group.labels, group.params, strict=True)):
+        is_base = i == group.base_index
+        per_input.append({p.name: value(p, sources, label) for p in specs
                           if p.scope == INPUT or (p.scope == NONBASE and not is_base)})
         d, eps = per_input[-1].get("density"), per_input[-1].get("epsilon")
         if eps is not None and 0 < d < 1 and not (d - eps > 0 and d + eps < 1):
-            raise ConfigError(f"{model.label}: della needs density ± epsilon inside (0, 1); tensor {tensor} has "
+            raise ConfigError(f"{label}: della needs density ± epsilon inside (0, 1); tensor {tensor} has "
                               f"density {d:g}, epsilon {eps:g}")
     return shared, per_input

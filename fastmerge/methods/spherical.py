@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError
 from .base import NONBASE, SHARED, Method, Param, TensorCall
 from .registry import register
 
@@ -41,11 +40,6 @@ def _multislerp(c: TensorCall) -> torch.Tensor:
     res = mean * torch.cos(tnorm) + tangent * (torch.sin(tnorm) / tnorm)
     res = (res * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])
     return (res if base is None else res + base).to(c.out_dtype)
-
-
-def _multislerp_check(cfg) -> None:
-    if not cfg.experts:
-        raise ConfigError("merge_method multislerp needs at least one model besides the base")
 
 
 def _karcher(c: TensorCall) -> torch.Tensor:
@@ -127,19 +121,14 @@ def _nuslerp(c: TensorCall) -> torch.Tensor:
     return _nuslerp_pair(t, x0, x1, dim, flatten).to(c.out_dtype)
 
 
-def _nuslerp_check(cfg) -> None:
-    if len(cfg.experts) != 2:
-        raise ConfigError(f"merge_method nuslerp takes exactly two models besides the base, got {len(cfg.experts)}")
-
-
 register(
     Method("multislerp", (Param("weight", NONBASE, float), Param("normalize_weights", SHARED, bool, True),
                           Param("eps", SHARED, float, 1e-8)), _multislerp, base="optional",
-           check=_multislerp_check,
+           min_nonbase=1,
            doc="barycentric slerp of the (task) vectors through the tangent space at their weighted mean"),
     Method("karcher", (Param("max_iter", SHARED, int, 10, 0), Param("tol", SHARED, float, 1e-5)), _karcher,
            base="optional", doc="Karcher (Riemannian) mean of the models' directions, scaled by their mean norm"),
     Method("nuslerp", (Param("weight", NONBASE, float), Param("nuslerp_row_wise", SHARED, bool, False),
                        Param("nuslerp_flatten", SHARED, bool, True)), _nuslerp, base="optional",
-           check=_nuslerp_check, doc="slerp of two models (or their task vectors) at t = w1 / (w0 + w1)"),
+           min_nonbase=2, max_nonbase=2, doc="slerp of two models (or their task vectors) at t = w1 / (w0 + w1)"),
 )

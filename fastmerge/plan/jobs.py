@@ -19,11 +19,13 @@ class Job:
 
     name: str
     shape: tuple[int, ...]
-    sources: tuple[TensorInfo, ...]         # one per input model (config order); only the base's when copied
+    sources: tuple[TensorInfo, ...]         # one per input (config order); only the reference's when copied
     floating: bool
     out_dtype: torch.dtype
     shared: dict[str, Any]
     per_input: tuple[dict[str, Any], ...]
+    inputs: tuple[int, ...]                 # the checkpoint (index into cfg.models) of each source
+    base_index: int | None                  # which source is the base
 
     @property
     def numel(self) -> int:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..config import MergeConfig, layer_index, layer_t
-from ..io import SIDE_FILES, Checkpoint, CheckpointError
-from ..methods import Method, resolve
+from ..config import _LAYER, LAYER_KEYS, ConfigError, MergeConfig, layer_index, layer_t
+from ..io import SIDE_FILES, Checkpoint, CheckpointError, TensorInfo
+from ..methods import Method, get
+from ..methods.base import Inputs, input_groups
+from ..methods.base import resolve as resolve_in
 from .jobs import Job
 from .schedule import order
 
@@ -23,7 +26,7 @@ def _dname(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _resolver(cfg: MergeConfig) -> Callable[[str, float], tuple]:
+def _resolver(cfg: MergeConfig, group: Inputs) -> Callable[[str, float], tuple]:
     """methods.resolve for one config, memoised: a tensor's parameters depend only on its layer position and
     on which of the config's filter substrings its name contains, so a model of 100 000s of tensors resolves
     a handful of distinct cases instead of evaluating every setting per tensor and model."""
@@ -35,27 +38,28 @@ def _resolver(cfg: MergeConfig) -> Callable[[str, float], tuple]:
                 filters.add(str(x["filter"]))
             for v in x.values():
                 collect(v)
-        elif isinstance(x, list):
+        elif isinstance(x, (list, tuple)):
             for v in x:
                 collect(v)
 
-    collect(cfg.parameters)
-    for m in cfg.models:
-        collect(m.parameters)
+    collect(group.shared)
+    collect(group.params)
     flt = sorted(filters)
+    method = get(cfg.method)
     cache: dict[tuple, tuple] = {}
 
     def resolve_one(name: str, t: float) -> tuple:
         key = (t, *(f in name for f in flt))
         hit = cache.get(key)
         if hit is None:  # shared between jobs: nothing downstream writes into them
-            hit = cache[key] = resolve(cfg, name, t)
+            hit = cache[key] = resolve_in(method, cfg, name, t, group)
         return hit
 
     return resolve_one
 
 
-def _num_layers(path: str) -> int | None:
+def read_config(path: str) -> dict | None:
+    """A model folder's config.json (its text_config for a multimodal one), if readable."""
     cfg = os.path.join(path, "config.json") if os.path.isdir(path) else None
     if cfg and os.path.isfile(cfg):
         try:
@@ -63,11 +67,17 @@ def _num_layers(path: str) -> int | None:
                 c = json.load(f)
         except (OSError, json.JSONDecodeError):
             return None
-        c = c.get("text_config", c) if isinstance(c, dict) else {}
-        for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-            if isinstance(c.get(k), int):
-                return c[k]
+        return c.get("text_config", c) if isinstance(c, dict) else None
     return None
+
+
+def num_layers(ck: Checkpoint) -> int:
+    """The model's layer count: config.json's, else one more than the highest layer index of its tensors."""
+    c = read_config(ck.path) or {}
+    for k in LAYER_KEYS:
+        if isinstance(c.get(k), int) and not isinstance(c.get(k), bool):
+            return c[k]
+    return max((i for i in map(layer_index, ck.tensors) if i is not None), default=-1) + 1
 
 
 def reference(cfg: MergeConfig, ckpts: list[Checkpoint]) -> Checkpoint:
@@ -115,36 +125,118 @@ def _check_names(cfg: MergeConfig, ckpts: list[Checkpoint], ref: Checkpoint) -> 
             warnings.warn(msg + "; they are not merged (fastmerge.extra_tensors: ignore)", stacklevel=3)
 
 
+def _check_input(cfg: MergeConfig, ck: Checkpoint, inf: TensorInfo, ref: Checkpoint, ti: TensorInfo) -> None:
+    """One input of a floating or non-floating tensor against the reference's: same shape, same kind, and the
+    same dtype unless the config casts."""
+    name = ti.name
+    if inf.shape != ti.shape:
+        raise CheckpointError(f"{ck.name}: {inf.file}: tensor {inf.name!r} has shape {list(inf.shape)}, "
+                              f"{ref.name} has {list(ti.shape)}" + (f" ({name!r})" if name != inf.name else ""))
+    floating = ti.dtype.is_floating_point
+    if inf.dtype.is_floating_point != floating:
+        raise CheckpointError(f"{ck.name}: {inf.file}: tensor {inf.name!r} is {inf.dtype}, {ref.name} has "
+                              f"{ti.dtype}: a floating tensor can only be merged with floating ones")
+    if floating and cfg.dtype is None and inf.dtype != ti.dtype:
+        raise CheckpointError(f"{ck.name}: {inf.file}: tensor {inf.name!r} is {_dname(inf.dtype)}, "
+                              f"{ref.name} has {_dname(ti.dtype)}; set `dtype:` in the config (e.g. "
+                              "dtype: float32) to merge models stored in different dtypes")
+
+
+def _job(cfg: MergeConfig, name: str, ti: TensorInfo, ri: int, infos: tuple[TensorInfo, ...], g: Inputs,
+         resolve_one: Callable[[str, float], tuple], t: float) -> Job:
+    """The job writing ``name`` from ``infos`` (one per model of ``g``); ``ti`` is the reference's tensor,
+    from checkpoint ``ri``: a tensor that is not floating is copied from it."""
+    if not ti.dtype.is_floating_point:
+        return Job(name, ti.shape, (ti,), False, ti.dtype, {}, (), (ri,), None)
+    shared, per_input = resolve_one(name, t)
+    out_dtype = cfg.out_dtype or cfg.dtype or ti.dtype
+    return Job(name, ti.shape, infos, True, out_dtype, shared, tuple(per_input), g.models, g.base_index)
+
+
 def build(cfg: MergeConfig, method: Method, ckpts: list[Checkpoint]) -> list[Job]:
     """One frozen job per output tensor, in schedule order (fastmerge.plan.schedule.order)."""
+    if cfg.slices is not None:
+        return _build_slices(cfg, ckpts)
     ref = reference(cfg, ckpts)
+    ri = ckpts.index(ref)
     _check_names(cfg, ckpts, ref)
-    L = _num_layers(ref.path)
-    if L is None:
-        idx = [layer_index(n) for n in ref.tensors]
-        L = max((i for i in idx if i is not None), default=-1) + 1
-    resolve_one = _resolver(cfg)
+    L = num_layers(ref)
+    (g,) = input_groups(cfg)
+    resolve_one = _resolver(cfg, g)
     check_side_files(ref)
     jobs = []
     for ti in order(ref.tensors.values()):
-        name = ti.name
-        infos = tuple(ck.tensors[name] for ck in ckpts)
-        floating = ti.dtype.is_floating_point
+        infos = tuple(ck.tensors[ti.name] for ck in ckpts)
         for ck, inf in zip(ckpts, infos, strict=True):
-            if inf.shape != ti.shape:
-                raise CheckpointError(f"{ck.name}: {inf.file}: tensor {name!r} has shape {list(inf.shape)}, "
-                                      f"{ref.name} has {list(ti.shape)}")
-            if inf.dtype.is_floating_point != floating:
-                raise CheckpointError(f"{ck.name}: {inf.file}: tensor {name!r} is {inf.dtype}, {ref.name} has "
-                                      f"{ti.dtype}: a floating tensor can only be merged with floating ones")
-            if floating and cfg.dtype is None and inf.dtype != ti.dtype:
-                raise CheckpointError(f"{ck.name}: {inf.file}: tensor {name!r} is {_dname(inf.dtype)}, "
-                                      f"{ref.name} has {_dname(ti.dtype)}; set `dtype:` in the config (e.g. "
-                                      "dtype: float32) to merge models stored in different dtypes")
-        if not floating:
-            jobs.append(Job(name, ti.shape, (ti,), False, ti.dtype, {}, ()))
-            continue
-        shared, per_input = resolve_one(name, layer_t(name, L))
-        out_dtype = cfg.out_dtype or cfg.dtype or ti.dtype
-        jobs.append(Job(name, ti.shape, infos, True, out_dtype, shared, tuple(per_input)))
+            _check_input(cfg, ck, inf, ref, ti)
+        jobs.append(_job(cfg, ti.name, ti, ri, infos, g, resolve_one, layer_t(ti.name, L)))
+    return jobs
+
+
+_PRE = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|wpe|word_embeddings|tok_embeddings|embeddings)(?:\.|$)")
+
+
+def renumber(name: str, layer: int) -> str:
+    """``name`` (a layer's tensor) moved to layer ``layer``."""
+    m = _LAYER.search(name)
+    return name[:m.start(1)] + str(layer) + name[m.end(1):]
+
+
+def _build_slices(cfg: MergeConfig, ckpts: list[Checkpoint]) -> list[Job]:
+    """mergekit's slice plan: the tensors before the layers (embeddings) merged over the first slice's sources,
+    each slice's layers over its sources, layer by layer, renumbered consecutively (gradients run over the
+    slice, t = i / (n - 1)), then the tensors after the layers (norm, head) over the last slice's sources, as
+    many of them as the first slice has."""
+    groups = input_groups(cfg)
+    layers: list[dict[int, list[str]]] = []
+    for ck in ckpts:
+        by: dict[int, list[str]] = {}
+        for n in ck.tensors:
+            i = layer_index(n)
+            if i is not None:
+                by.setdefault(i, []).append(n)
+        layers.append(by)
+    for g, sl in zip(groups, cfg.slices, strict=True):
+        for j, s in enumerate(sl.sources):
+            L = num_layers(ckpts[s.model])
+            if s.stop > L:
+                raise ConfigError(f"{g.where}.sources[{j}]: layer_range [{s.start}, {s.stop}] runs past "
+                                  f"{ckpts[s.model].name}'s {L} layers")
+    ref = reference(cfg, ckpts)
+    check_side_files(ref)
+    jobs: list[Job] = []
+
+    def add(g: Inputs, names: list[tuple[str, list[str]]], t: float, resolve_one) -> None:
+        for out, ins in names:
+            infos = []
+            for k, n in zip(g.models, ins, strict=True):
+                inf = ckpts[k].tensors.get(n)
+                if inf is None:
+                    raise CheckpointError(f"model {ckpts[k].name} lacks tensor {n!r} ({g.where}, output {out!r})")
+                infos.append(inf)
+            ti = infos[0]
+            for k, inf in zip(g.models, infos, strict=True):
+                _check_input(cfg, ckpts[k], inf, ckpts[g.models[0]], ti)
+            jobs.append(_job(cfg, out, ti, g.models[0], tuple(infos), g, resolve_one, t))
+
+    outside = [n for n in ckpts[groups[0].models[0]].tensors if layer_index(n) is None]
+    first, last = groups[0], groups[-1]
+    n0 = len(first.models)
+    last = Inputs(last.where, last.labels[:n0], last.params[:n0], last.shared,
+                  last.base_index if last.base_index is not None and last.base_index < n0 else None, last.models[:n0])
+    pre = [(n, [n] * len(first.models)) for n in outside if _PRE.search(n)]
+    add(first, pre, 0.0, _resolver(cfg, first))
+    o = 0
+    for g, sl in zip(groups, cfg.slices, strict=True):
+        resolve_one = _resolver(cfg, g)
+        by = layers[sl.sources[0].model]
+        for i in range(sl.num_layers):
+            t = i / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
+            names = [(renumber(n, o), [renumber(n, s.start + i) for s in sl.sources])
+                     for n in sorted(by.get(sl.sources[0].start + i, ()), key=lambda n: ckpts[sl.sources[0].model]
+                                     .tensors[n].start)]
+            add(g, names, t, resolve_one)
+            o += 1
+    post = [(n, [n] * len(last.models)) for n in outside if not _PRE.search(n)]
+    add(last, post, 0.0, _resolver(cfg, last))
     return jobs

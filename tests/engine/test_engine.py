@@ -266,12 +266,74 @@ def test_config_errors(fam, tmp_path):
     _fails(tmp_path, cfg("ties", fam, {"weight": 1}, extra={"trim": "everything"}), ConfigError,
            "fastmerge.trim: expected one of tensor, global")
     _fails(tmp_path, cfg("ties", fam, {"weight": 1}, dtype="float8"), ConfigError, "unknown dtype 'float8'")
-    _fails(tmp_path, {**cfg("ties", fam, {"weight": 1}), "slices": []}, ConfigError, "slices are not supported")
+    _fails(tmp_path, {**cfg("ties", fam, {"weight": 1}), "slices": []}, ConfigError,
+           "exactly one of 'models:' .* and 'slices:'")
     _fails(tmp_path, cfg("dare_ties", fam, {"weight": 1}, extra={"trim": "global"}), ConfigError,
            "trim: global applies to")
     for missing in ("nope.yml", str(tmp_path / "no_such_config")):
         with pytest.raises(ConfigError, match=f"config file .*{os.path.basename(missing)} not found"):
             fastmerge.merge(missing, str(tmp_path / "o"))
+
+
+def _slice_cfg(method, *slices, **top):
+    return {"merge_method": method, **top,
+            "slices": [{"sources": [{"model": m, "layer_range": list(r)} for m, r in sl]} for sl in slices]}
+
+
+def test_slices_errors(tmp_path):
+    """Every bad ``slices:`` config fails before anything is written, naming the slice and source."""
+    f = make_llama_family(str(tmp_path / "f"), layers=3, experts=2)
+    _fails(tmp_path, _slice_cfg("passthrough", [(f[1], (0, 4))]), ConfigError,
+           r"slices\[0\].sources\[0\]: layer_range \[0, 4\] runs past .*ft0's 3 layers")
+    _fails(tmp_path, _slice_cfg("passthrough", [(f[1], (2, 1))]), ConfigError,
+           r"slices\[0\].sources\[0\].layer_range: expected \[start, stop\]")
+    _fails(tmp_path, _slice_cfg("linear", [(f[1], (0, 2)), (f[2], (0, 3))]), ConfigError,
+           r"slices\[0\]: every source must span the same number of layers")
+    _fails(tmp_path, _slice_cfg("passthrough", [(f[1], (0, 1)), (f[2], (0, 1))]), ConfigError,
+           r"passthrough takes 1 models \(base included\), got 2 in slices\[0\]")
+    _fails(tmp_path, _slice_cfg("ties", [(f[1], (0, 3)), (f[2], (0, 3))], base_model=f[0]), ConfigError,
+           r"slices\[0\]: base_model .*base is not among its sources")
+    _fails(tmp_path, _slice_cfg("ties", [(f[0], (0, 3)), (f[1], (0, 3))], [(f[2], (0, 1))], base_model=f[0]),
+           ConfigError, r"slices\[1\]: base_model .*base is not among its sources")
+    _fails(tmp_path, _slice_cfg("tsv_m", [(f[0], (0, 3)), (f[1], (0, 3)), (f[2], (0, 3))], base_model=f[0]),
+           ConfigError, "slices: merge_method tsv_m works on same-shape stacks of whole models")
+    _fails(tmp_path, {**_slice_cfg("passthrough", [(f[1], (0, 3))]), "models": [{"model": f[1]}]}, ConfigError,
+           "exactly one of 'models:'")
+    bad = _slice_cfg("passthrough", [(f[1], (0, 3))])
+    bad["slices"][0]["sources"][0]["layers"] = [0, 3]
+    _fails(tmp_path, bad, ConfigError, r"slices\[0\].sources\[0\]: unknown key\(s\) \['layers'\]")
+
+
+def test_slices_config_json_and_models_form(tmp_path):
+    """A frankenmerge's config.json gets its layer count and its per-layer lists rebuilt; one slice of every
+    model's layers is the ``models:`` form, byte for byte; residual_weight is ignored with a warning."""
+    f = make_llama_family(str(tmp_path / "f"), layers=3, experts=2)
+    c = json.load(open(os.path.join(f[1], "config.json")))
+    c["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+    json.dump(c, open(os.path.join(f[1], "config.json"), "w"))
+    out = str(tmp_path / "frank")
+    fastmerge.merge(_slice_cfg("passthrough", [(f[1], (0, 2))], [(f[2], (1, 3))], [(f[1], (1, 2))]), out,
+                    quiet=True)
+    oc = json.load(open(os.path.join(out, "config.json")))
+    assert oc["num_hidden_layers"] == 5
+    assert oc["layer_types"] == ["sliding_attention", "full_attention", "full_attention", "sliding_attention",
+                                 "full_attention"]
+    o, a, b = load_dir(out), load_dir(f[1]), load_dir(f[2])
+    assert len(o) == 3 + 5 * 9  # embed, norm, head and 9 tensors per layer
+    assert torch.equal(o["model.layers.4.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(o["model.layers.2.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(o["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(o["lm_head.weight"], a["lm_head.weight"])  # the last slice's source
+    models = cfg("ties", f, {"weight": [0.3, 1.0], "density": 0.5}, {"lambda": 0.9})
+    sl = {"merge_method": "ties", "base_model": f[0], "parameters": {"lambda": 0.9}, "slices": [{
+        "sources": [{"model": f[0], "layer_range": [0, 3]}] + [
+            {"model": p, "layer_range": [0, 3], "parameters": {"weight": [0.3, 1.0], "density": 0.5}} for p in f[1:]],
+        "residual_weight": 0.5}]}
+    fastmerge.merge(models, str(tmp_path / "m"), quiet=True)
+    with pytest.warns(UserWarning, match=r"slices\[0\].residual_weight: ignored"):
+        fastmerge.merge(sl, str(tmp_path / "s"), quiet=True)
+    x, y = load_dir(str(tmp_path / "m")), load_dir(str(tmp_path / "s"))
+    assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def _copy_family(fam, dst):

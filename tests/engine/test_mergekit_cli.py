@@ -85,10 +85,14 @@ def test_rerun_never_replaces_a_folder_a_merge_did_not_write(fam, tmp_path, caps
 
 def test_unsupported_flags_name_themselves(fam, tmp_path, capsys):
     c = _cfg_file(tmp_path, cfg("task_arithmetic", fam, {"weight": 0.3}))
-    for flag in ("--no-safe-serialization", "--unsafe-truncate-embeddings"):
-        assert main([c, str(tmp_path / "o"), flag], yaml_cli=True) == 2
-        assert flag in capsys.readouterr().err
+    for flag in (["--no-safe-serialization"], ["--unsafe-truncate-embeddings"], ["--lora-merge-dtype", "float32"]):
+        assert main([c, str(tmp_path / "o"), *flag], yaml_cli=True) == 2
+        assert flag[0] in capsys.readouterr().err
         assert not os.path.exists(tmp_path / "o")
+    # a no-op: adapters are applied as tensors are read
+    assert main([c, str(tmp_path / "o"), "--lora-merge-cache", str(tmp_path / "cache"), "--quiet"],
+                yaml_cli=True) == 0
+    assert not os.path.exists(tmp_path / "cache")
 
 
 def test_help_lists_the_methods(capsys):

@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 import yaml
-from _models import load_dir, make_llama_family
+from _models import load_dir, make_llama_family, make_lora
 
 HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
 MERGEKIT_YAML = next((p for p in (os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
@@ -242,7 +242,57 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
         "ramplus_tl_bf16": ("exact_cast", {  # mergekit's fp32 lambda promotes its result to fp32
             "merge_method": "ramplus_tl", "base_model": bb, "parameters": {"epsilon": 0.005},
             "models": [_m(b0), _m(b1)]}),
+        **slice_configs(F, B),
+        # LoRA inputs (MODEL+ADAPTER): mergekit merges each adapter into a copy through PEFT first
+        "lora_task_arithmetic_bf16": ("exact", {
+            "merge_method": "task_arithmetic", "base_model": bb,
+            "models": [_m(f"{b0}+{b0}-lora", weight=0.5), _m(b1, weight=0.5)]}),
+        "lora_linear_fp32_rslora_embedding_head": ("exact", {
+            "merge_method": "linear", "dtype": "float32",
+            "models": [_m(f"{f0}+{f0}-lora", weight=1.0), _m(f"{f1}+{f1}-lora", weight=0.5)]}),
         **large_configs(L, "bf16"), **large_configs(H, "fp16"),
+    }
+
+
+def _src(path: str, a: int, b: int, **params) -> dict:
+    return {"model": path, "layer_range": [a, b], **({"parameters": params} if params else {})}
+
+
+def slice_configs(F: list[str], B: list[str]) -> dict[str, tuple[str, dict]]:
+    """The ``slices:`` form (3-layer models): frankenmerges that repeat and reorder layers, per-slice bases and
+    parameters (source > slice > global), gradients over each slice's layers, and the tensors outside the
+    layers from the first / last slice's sources."""
+    fb, f0, f1, f2 = F
+    bb, b0, b1 = B
+    return {
+        "slices_passthrough_frankenmerge": ("exact", {
+            "merge_method": "passthrough", "dtype": "float32",
+            "slices": [{"sources": [_src(f0, 0, 2)]},
+                       {"sources": [_src(f1, 1, 3, scale=[{"filter": "o_proj", "value": 0.5}, {"value": 1.0}])]},
+                       {"sources": [_src(f2, 0, 3)]}]}),
+        "slices_passthrough_bf16_repeat": ("exact", {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [_src(b0, 0, 3)]}, {"sources": [_src(b0, 1, 2)]},
+                       {"sources": [_src(b1, 2, 3, scale=0.25)]}]}),
+        "slices_slerp_gradient": ("fp32", {
+            "merge_method": "slerp", "base_model": fb, "dtype": "float32",
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+            "slices": [{"sources": [_src(fb, 0, 3), _src(f0, 0, 3)]}]}),
+        "slices_ties_per_slice": ("exact", {
+            "merge_method": "ties", "base_model": bb, "parameters": {"weight": 1.0, "density": 0.6},
+            "slices": [{"sources": [_src(bb, 0, 2), _src(b0, 0, 2, density=0.5, weight=0.6),
+                                    _src(b1, 0, 2, weight=[0.2, 0.9])]},
+                       {"sources": [_src(bb, 1, 3), _src(b1, 1, 3)], "parameters": {"density": 0.3}}]}),
+        "slices_task_arithmetic_slice_base": ("exact", {
+            "merge_method": "task_arithmetic", "dtype": "float32", "base_model": fb,
+            "slices": [{"sources": [_src(fb, 0, 3), _src(f0, 0, 3, weight=0.5), _src(f1, 0, 3, weight=0.5)]},
+                       {"sources": [_src(f2, 1, 2), _src(f1, 2, 3, weight=0.7)], "base_model": f2,
+                        "parameters": {"weight": 0.3}}]}),
+        "slices_linear_uneven": ("exact", {  # norm/head: the last slice's sources cut to the first slice's count
+            "merge_method": "linear", "dtype": "float32",
+            "slices": [{"sources": [_src(f0, 0, 1, weight=1.0)]},
+                       {"sources": [_src(f1, 1, 3, weight=0.3), _src(f2, 1, 3, weight=0.7)]}]}),
     }
 
 
@@ -314,6 +364,10 @@ class Env:
                                    dtype=torch.bfloat16, seed=2, noise=1e-4)
         self.H = make_llama_family(os.path.join(root, "H"), hidden=1024, layers=1, vocab=1024, experts=2,
                                    dtype=torch.float16, seed=3, noise=1e-4)
+        make_lora(self.B[1] + "-lora", self.B[1], ["q_proj", "v_proj", "down_proj"], dtype=torch.bfloat16)
+        make_lora(self.F[1] + "-lora", self.F[1], ["q_proj", "o_proj", "up_proj", "embed_tokens"], r=8, alpha=16,
+                  use_rslora=True, rank_pattern={"up_proj": 2}, modules_to_save=["lm_head"], seed=1)
+        make_lora(self.F[2] + "-lora", self.F[2], ["k_proj", "gate_proj"], r=2, alpha=1, seed=2)
         self.golden = golden_configs(self.F, self.B, self.L, self.H)
         self.stochastic = stochastic_configs(self.F)
         configs = {**{n: c for n, (_, c) in self.golden.items()},
@@ -602,8 +656,16 @@ GOLDEN = list(golden_configs(["b", "0", "1", "2"], ["b", "0", "1"], ["b", "0", "
 def test_golden_vs_mergekit(env, name):
     tol, cfg = env.golden[name]
     fm = env.fastmerge(name)
-    check_output_dir(fm, cfg.get("base_model") or cfg["models"][0]["model"])
-    compare_dirs(env.mergekit(name), fm, tol, env, name)
+    mk = env.mergekit(name)
+    if "slices" in cfg:  # the layer count is the output's; the rest as in the first model's
+        with open(os.path.join(fm, "config.json")) as f, open(os.path.join(mk, "config.json")) as g:
+            ours, theirs = json.load(f), json.load(g)
+        assert ours["num_hidden_layers"] == theirs["num_hidden_layers"], (ours, theirs)
+        assert ours["num_hidden_layers"] == sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0]
+                                                for s in cfg["slices"])
+    else:
+        check_output_dir(fm, (cfg.get("base_model") or cfg["models"][0]["model"]).split("+")[0])
+    compare_dirs(mk, fm, tol, env, name)
 
 
 def test_golden_vs_mergekit_yaml_cli(env):
