@@ -1,13 +1,9 @@
-"""linear, slerp and passthrough: mergekit 0.1.5's maths. linear gives its bytes (its fp32 accumulation, op for
-op); slerp is its fp32 formula on the weighted-sum kernel, within one rounding of it."""
+"""linear, slerp and passthrough: mergekit 0.1.5's maths, op for op, so that they give its bytes."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .. import ops
 from .base import INPUT, REQUIRED, SHARED, Method, Param, TensorCall
 from .registry import register
 
@@ -31,24 +27,39 @@ def _passthrough(c: TensorCall) -> torch.Tensor:
     return (x if s is None else x.float() * s).to(c.out_dtype)
 
 
+_CHUNK = 1 << 20  # mergekit's slerp works through the flattened tensor in chunks of this many elements
+
+
 def _slerp(c: TensorCall) -> torch.Tensor:
-    """mergekit's slerp of the whole flattened tensor: base at t=0, the other model at t=1 (fp32 maths)."""
-    t = float(c.shared["t"])
+    """mergekit's slerp, op for op (its bytes): the flattened tensors' norms as norms of per-chunk norms, the
+    normalised dot product as a sum of per-chunk sums, the angle and both coefficients as fp32 tensors (t rounded
+    to fp32), each chunk's coef_a * x + coef_b * y rounded to the inputs' dtype; linear interpolation where the
+    directions are (anti)parallel (|dot| > 0.9995). fp64 inputs work in fp64."""
     v0, v1 = c.base, c.experts[0]
-    a, b = v0.reshape(-1).float(), v1.reshape(-1).float()
-    if a.numel() == 0:
-        return v0.to(c.out_dtype)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > 1e-8 else torch.ones_like(na)
-    nb = nb if nb > 1e-8 else torch.ones_like(nb)
-    dot = float(torch.dot(a / na, b / nb).clamp(-1, 1))
-    if abs(dot) > 0.9995:
-        ca, cb = 1 - t, t
-    else:
-        theta = math.acos(dot)
-        st = math.sin(theta)
-        ca, cb = math.sin((1 - t) * theta) / st, math.sin(t * theta) / st
-    return ops.weighted_sum([v0, v1], [ca, cb], out_dtype=c.out_dtype)
+    dt = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    t = torch.tensor([float(c.shared["t"])], dtype=dt, device=a.device).reshape(-1, 1)
+    n = a.shape[1]
+    if n == 0:
+        return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype).to(c.out_dtype)
+    spans = [(s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, i:j].to(dt), dim=1, keepdim=True)
+                                                   for i, j in spans]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:j].to(dt), dim=1, keepdim=True)
+                                                   for i, j in spans]), dim=0)
+    norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
+    norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
+    dot = torch.stack([(a[:, i:j].to(dt) / norm_a * (b[:, i:j].to(dt) / norm_b)).sum(dim=1, keepdim=True)
+                       for i, j in spans]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for i, j in spans:
+        out[:, i:j] = coef_a * a[:, i:j].to(dt) + coef_b * b[:, i:j].to(dt)
+    return out.reshape(v0.shape).to(c.out_dtype)
 
 
 register(
