@@ -13,8 +13,9 @@ renumbered after the previous slices' layers. Parameters resolve source, then sl
 over each slice's layers. The tensors outside the layers come from the first slice's sources (embeddings) or the
 last slice's (norm, head), as in mergekit. The ``models:`` form is the one slice of every model's layers.
 
-A model reference ``MODEL+ADAPTER`` is a model with a PEFT LoRA adapter applied as its tensors are read
-(fastmerge.lora).
+``chat_template`` (``auto``, a built-in format name or Jinja) goes into the output's tokenizer files
+(fastmerge.chat_templates). A model reference ``MODEL+ADAPTER`` is a model with a PEFT LoRA adapter applied as
+its tensors are read (fastmerge.lora).
 
 fastmerge-only settings live under a top-level ``fastmerge:`` mapping, which mergekit ignores:
 ``compat`` (whose semantics: mergekit by default, or official/fusionbench/peft), ``trim`` (``tensor`` or
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 
+from . import chat_templates
 from .env import BACKENDS
 
 DTYPE_NAMES = {
@@ -45,12 +47,11 @@ DTYPE_NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "fastmerge", "name")
+            "tokenizer", "chat_template", "fastmerge", "name")
 UNSUPPORTED_KEYS = {
     "modules": "multi-module configs are not supported yet; list whole models under 'models:'",
-    "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
-    "chat_template": "chat templates are not supported; the base model's tokenizer files are copied",
 }
+OPTIONAL_KEYS = ("tokenizer", "tokenizer_source", "chat_template")  # null: a warning, as mergekit ignores it
 FASTMERGE_KEYS = {
     "compat": ("mergekit", "official", "fusionbench", "peft"),
     "trim": ("tensor", "global"),
@@ -110,6 +111,15 @@ class OutputSlice:
         return self.sources[0].stop - self.sources[0].start
 
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """``tokenizer_source:`` or the ``tokenizer:`` section (fastmerge.tokenizer)."""
+
+    source: str                       # "base", "union" or a model folder
+    tokens: dict[str, tuple[tuple | None, bool]]   # token -> ((kind, model index, token_id, token) | None, force)
+    pad_to_multiple_of: int | None = None
+
+
 @dataclass
 class MergeConfig:
     method: str
@@ -121,6 +131,8 @@ class MergeConfig:
     options: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     slices: tuple[OutputSlice, ...] | None = None   # the ``slices:`` form; models then holds each model once
+    chat_template: str | None = None                # ``auto``, a built-in name or Jinja (fastmerge.chat_templates)
+    tokenizer: TokenizerSpec | None = None          # the output tokenizer, when the config builds one
 
     @property
     def experts(self) -> list[InputModel]:
@@ -226,7 +238,7 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
     Relative model paths resolve against the working directory, as in mergekit, or, when nothing is there,
     against the config file's folder."""
     data, root = _load_yaml(source)
-    for key in [k for k, v in data.items() if v is None and k in UNSUPPORTED_KEYS]:
+    for key in [k for k, v in data.items() if v is None and k in (*UNSUPPORTED_KEYS, *OPTIONAL_KEYS)]:
         warnings.warn(f"config key {key!r} is null: ignored, as mergekit does", stacklevel=2)
         del data[key]
     for key in data:
@@ -306,9 +318,10 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
     dup = None if slices is not None else next((m for m in models if keys.count(m.key) > 1), None)
     if dup:
         raise ConfigError(f"model {dup.label} is listed more than once")
-    ts = data.get("tokenizer_source")
-    if ts not in (None, "base"):
-        raise ConfigError(f"tokenizer_source: only 'base' is supported (the base's tokenizer is copied), got {ts!r}")
+    ct = data.get("chat_template")
+    if ct is not None and (why := chat_templates.check(ct)):
+        raise ConfigError(why)
+    tokenizer = _parse_tokenizer(data, models, resolve)
 
     options = data.get("fastmerge") or {}
     if not isinstance(options, dict):
@@ -320,8 +333,75 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
         if allowed and v not in allowed:
             raise ConfigError(f"fastmerge.{k}: expected one of {', '.join(allowed)}, got {v!r}")
     cfg = MergeConfig(method, base, models, dict(params), parse_dtype(data.get("dtype"), "dtype"),
-                      parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), data, slices)
+                      parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), data, slices, ct, tokenizer)
     return cfg
+
+
+def _parse_tokenizer(data: dict, models: list[InputModel], resolve) -> TokenizerSpec | None:
+    """``tokenizer_source`` (base, union or a model) or the ``tokenizer:`` section (source, tokens,
+    pad_to_multiple_of), as mergekit reads them; a token's source model must be one of the merge's models."""
+    ts, sec = data.get("tokenizer_source"), data.get("tokenizer")
+    if ts is not None and sec is not None:
+        raise ConfigError("tokenizer_source and tokenizer: set one of them, not both")
+    if ts is None and sec is None:
+        return None
+
+    def source(v: Any, where: str) -> str:
+        if v in ("base", "union"):
+            return v
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{where}: expected base, union or a model path, got {v!r}")
+        path, lora = resolve(v.removeprefix("model:"), where)
+        if lora is not None:
+            raise ConfigError(f"{where}: a tokenizer comes from a model folder, not MODEL+LORA ({v!r})")
+        return path
+
+    def model_index(v: Any, where: str) -> int:
+        key = resolve(v, where)
+        for i, m in enumerate(models):
+            if m.key == key:
+                return i
+        raise ConfigError(f"{where}: {v!r} is not one of the merge's models")
+
+    if ts is not None:
+        return TokenizerSpec(source(ts, "tokenizer_source"), {})
+    if not isinstance(sec, dict) or set(sec) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise ConfigError("tokenizer: expected a mapping of source, tokens, pad_to_multiple_of")
+    pad = sec.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise ConfigError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    tokens = {}
+    raw = sec.get("tokens") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("tokenizer.tokens: expected a mapping of token -> {source, force}")
+    for tok, tc in raw.items():
+        where = f"tokenizer.tokens[{tok!r}]"
+        tc = {} if tc is None else tc
+        if not isinstance(tok, str) or not isinstance(tc, dict) or set(tc) - {"source", "force"}:
+            raise ConfigError(f"{where}: expected a token string mapped to {{source, force}}")
+        force = tc.get("force", False)
+        if not isinstance(force, bool):
+            raise ConfigError(f"{where}.force: expected true or false, got {force!r}")
+        src = tc.get("source")
+        if src is None:
+            parsed = None
+        elif isinstance(src, str):
+            parsed = ("model", model_index(src, f"{where}.source"), None, None)
+        elif isinstance(src, dict) and src.get("kind") == "zero" and set(src) == {"kind"}:
+            parsed = ("zero", None, None, None)
+        elif isinstance(src, dict) and src.get("kind") == "model_token" and set(src) <= {"kind", "model", "token",
+                                                                                        "token_id"}:
+            tid, t = src.get("token_id"), src.get("token")
+            if (tid is None) == (t is None):
+                raise ConfigError(f"{where}.source: give one of token and token_id")
+            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
+                raise ConfigError(f"{where}.source.token_id: expected an integer, got {tid!r}")
+            parsed = ("model_token", model_index(src.get("model"), f"{where}.source.model"), tid, t)
+        else:
+            raise ConfigError(f"{where}.source: expected a model, {{kind: zero}} or {{kind: model_token, model, "
+                              f"token | token_id}}, got {src!r}")
+        tokens[tok] = (parsed, force)
+    return TokenizerSpec(source(sec.get("source", "union"), "tokenizer.source"), tokens, pad)
 
 
 def _parse_slices(raw: Any, models: list[InputModel], resolve, params_of) -> list[OutputSlice]:

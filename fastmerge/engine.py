@@ -106,12 +106,17 @@ class Engine:
             for m in self.cfg.models:
                 ckpts.append(Checkpoint(m.path, name=m.label) if m.lora is None else
                              LoraCheckpoint(m.path, m.lora, name=m.label))
-            jobs = planner.build(self.cfg, self.method, ckpts)
+            vocab = None
+            if self.cfg.tokenizer is not None:  # transformers is imported only for this
+                from . import tokenizer
+
+                vocab = tokenizer.build(self.cfg, self.cfg.tokenizer)
+            jobs = planner.build(self.cfg, self.method, ckpts, vocab)
         except BaseException:
             for ck in ckpts:
                 ck.close()
             raise
-        self.executor = Executor(self.cfg, self.method, ckpts, jobs, device=self.device, seed=self.seed,
+        self.executor = Executor(self.cfg, self.method, ckpts, jobs, device=self.device, seed=self.seed, vocab=vocab,
                              user_budget=self.user_budget, out_shard_bytes=self.out_shard_bytes, quiet=self.quiet)
         self.executor.stages["plan"] += time.perf_counter() - t0
         return jobs

@@ -2,7 +2,8 @@
 
     python tests/_mergekit_runner.py JOBS.json RESULTS.json
 
-JOBS.json is a list of ``[config_yaml_path, out_dir]``. Each config is run with
+JOBS.json is a list of ``[config_yaml_path, out_dir]`` (or ``[..., {option: value}]`` to change options for
+that job). Each config is run with
 ``mergekit.merge.run_merge`` and ``MergeOptions(random_seed=0, copy_tokenizer=False, quiet=True)`` (and a
 LoRA merge cache beside RESULTS.json), the same options ``mergekit-yaml CFG OUT --no-copy-tokenizer
 --random-seed 0 --quiet --lora-merge-cache DIR`` gives (run_merge re-seeds
@@ -35,14 +36,15 @@ def main(jobs_path: str, results_path: str) -> int:
     with open(jobs_path) as f:
         jobs = json.load(f)
     records = []
-    for cfg_path, out_dir in jobs:
+    for cfg_path, out_dir, *extra in jobs:
         t = time.perf_counter()
         rec = {"config": cfg_path, "out": out_dir, "ok": True, "error": None}
         try:
             with open(cfg_path, encoding="utf-8") as f:
                 source = f.read()
             cfg = MergeConfiguration.model_validate(yaml.safe_load(source))
-            run_merge(cfg, out_dir, options=options, config_source=source)
+            opts = options.model_copy(update=extra[0]) if extra else options
+            run_merge(cfg, out_dir, options=opts, config_source=source)
         except Exception:  # reported per config
             rec.update(ok=False, error=traceback.format_exc(limit=8))
         rec["seconds"] = round(time.perf_counter() - t, 3)

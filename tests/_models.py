@@ -191,3 +191,48 @@ def make_lora(path: str, model: str, modules: list[str], *, r: int = 4, alpha: f
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f)
     return path
+
+
+TOKENS = ["<unk>", "<s>", "</s>", "hello", "world", "<|im_start|>", "<|im_end|>"]
+
+
+def add_tokenizer(model: str, template: str | None = None, jinja_file: bool = False, tokens: list[str] | None = None,
+                  added: list[str] | None = None) -> None:
+    """A small real tokenizer (a WordLevel tokenizer.json that transformers loads) in a model folder: ``tokens``
+    in order, then the ``added`` tokens; ``template`` as its chat template, in tokenizer_config.json or
+    (``jinja_file``) in chat_template.jinja."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens or TOKENS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if added:
+        tok.add_tokens([AddedToken(t, normalized=False) for t in added])
+    tok.save(os.path.join(model, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "model_max_length": 512}
+    if template is not None and not jinja_file:
+        cfg["chat_template"] = template
+    with open(os.path.join(model, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    if template is not None and jinja_file:
+        with open(os.path.join(model, "chat_template.jinja"), "w") as f:
+            f.write(template)
+
+
+def set_vocab(model: str, tokens: list[str], added: list[str] = (), rows: int | None = None, seed: int = 0) -> None:
+    """Give a generated Llama-shaped model its own tokenizer (``tokens``, then ``added``) and embedding / LM-head
+    rows to match (``rows``, default one per token; more rows are padding), config.json's vocab_size too."""
+    sd = load_dir(model)
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    n = rows or len(tokens) + len(added)
+    g = torch.Generator().manual_seed(seed)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[k] = (0.02 * torch.randn(n, sd[k].shape[1], generator=g)).to(sd[k].dtype)
+    cfg["vocab_size"] = n
+    for f in os.listdir(model):
+        if f.endswith(".safetensors") or f == "model.safetensors.index.json":
+            os.remove(os.path.join(model, f))
+    save_hf(model, sd, cfg)
+    add_tokenizer(model, tokens=tokens, added=list(added))

@@ -187,8 +187,10 @@ class Executor:
     hooks (``prepare``, ``sink``) get this object."""
 
     def __init__(self, cfg: MergeConfig, method: Method, ckpts: list[Checkpoint], jobs: list[Job], *,
-                 device: torch.device, seed: int, user_budget: int | None, out_shard_bytes: int, quiet: bool):
+                 device: torch.device, seed: int, user_budget: int | None, out_shard_bytes: int, quiet: bool,
+                 vocab=None):
         self.cfg, self.method, self.ckpts, self.jobs = cfg, method, ckpts, jobs
+        self.vocab = vocab  # fastmerge.tokenizer.Vocabulary: the output tokenizer, when the config builds one
         self.device, self.seed, self.quiet = device, seed, quiet
         self.user_budget, self.out_shard_bytes = user_budget, out_shard_bytes
         self.ref = reference(cfg, ckpts)
@@ -379,6 +381,8 @@ class Executor:
                 raise type(e)(f"merging tensor(s) {unit.name!r} with {self.cfg.method}: {e}{bad}") from e
         if not unit.floating:
             return unit, tensors[0]
+        if unit.vocab:
+            tensors = self.vocab.permute(unit.name, unit.inputs, unit.base_index, tensors)
         try:
             return unit, self.method.fn(self.tensor_call(unit, tensors))
         except (ValueError, RuntimeError) as e:

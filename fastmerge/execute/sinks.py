@@ -10,10 +10,12 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import torch
 
+from .. import chat_templates
 from ..config import LAYER_KEYS, out_layers
 from ..io import OWNER, SIDE_FILES, OutputDir, ShardedWriter
 from ..plan.jobs import Group
@@ -54,10 +56,9 @@ def copy_side_files(run, directory: str, tokenizer: bool = True) -> None:
     output's floating dtype. ``tokenizer=False`` (mergekit's --no-copy-tokenizer): config.json only, and the
     sentence-transformers module files."""
     src = run.side_source()
-    if src is None:
-        return
-    for f in SIDE_FILES:
-        if not tokenizer and f in TOKENIZER_FILES:
+    built = run.vocab is not None  # the config's own tokenizer replaces the base's tokenizer files
+    for f in SIDE_FILES if src is not None else ():
+        if (not tokenizer or built) and f in TOKENIZER_FILES:
             continue
         p = os.path.join(src, f)
         if not os.path.isfile(p):
@@ -66,6 +67,22 @@ def copy_side_files(run, directory: str, tokenizer: bool = True) -> None:
             _write_config(run, p, os.path.join(directory, f))
         else:
             shutil.copy2(p, os.path.join(directory, f))
+    if built:
+        run.vocab.save(directory)
+    _write_chat_template(run, directory, tokenizer or built)
+
+
+def _write_chat_template(run, directory: str, tokenizer: bool) -> None:
+    """The config's chat_template into the copied tokenizer files (as mergekit: a warning where there are none)."""
+    cfg = run.cfg
+    if cfg.chat_template is None:
+        return
+    template = chat_templates.resolve(cfg.chat_template, [m.path for m in cfg.models if os.path.isdir(m.path)])
+    if template is None:
+        warnings.warn("chat_template: auto, but no input model has a chat template; none is written", stacklevel=2)
+    elif not (tokenizer and chat_templates.write(directory, template)):
+        warnings.warn("chat_template: no tokenizer is written (--no-copy-tokenizer, or the base has no "
+                      "tokenizer_config.json), so the chat template is not saved", stacklevel=2)
 
 
 def _write_config(run, src: str, dst: str) -> None:
@@ -81,6 +98,8 @@ def _write_config(run, src: str, dst: str) -> None:
                 c[k] = name
     if run.cfg.slices is not None and isinstance(c, dict):
         _set_layers(c.get("text_config", c), out_layers(run.cfg))
+    if run.vocab is not None and isinstance(c, dict):
+        c.get("text_config", c)["vocab_size"] = run.vocab.size
     with open(dst, "w") as f:
         json.dump(c, f, indent=2)
 

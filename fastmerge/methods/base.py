@@ -194,13 +194,16 @@ def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
     methods an option does apply to."""
     compat = cfg.options.get("compat", "mergekit")
     groups = input_groups(cfg)
-    if cfg.slices is not None:
-        whole = [why for why, on in (("a multi-task store", m.store), ("whole-model statistics", m.prepare),
-                                     ("same-shape stacks", m.batch), ("global trim", cfg.options.get("trim")
-                                                                      == "global")) if on]
-        if whole:
-            raise ConfigError(f"slices: merge_method {m.name} works on {whole[0]} of whole models; list whole "
-                              "models under 'models:'")
+    whole = [why for why, on in (("a multi-task store", m.store), ("whole-model statistics", m.prepare),
+                                 ("same-shape stacks", m.batch), ("global trim", cfg.options.get("trim")
+                                                                  == "global")) if on]
+    if cfg.slices is not None and whole:
+        raise ConfigError(f"slices: merge_method {m.name} works on {whole[0]} of whole models; list whole "
+                          "models under 'models:'")
+    if cfg.tokenizer is not None and whole:
+        key = "tokenizer_source" if "tokenizer_source" in cfg.raw else "tokenizer"
+        raise ConfigError(f"{key}: merge_method {m.name} works on {whole[0]} of the models as they are; it "
+                          "cannot re-index their vocabularies (leave the key out to keep the base's tokenizer)")
     for g in groups:
         _check_counts(m, g, "" if cfg.slices is None else f" in {g.where}")
     names = {p.name: p for p in param_specs(m, compat)}

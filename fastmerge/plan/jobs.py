@@ -26,6 +26,7 @@ class Job:
     per_input: tuple[dict[str, Any], ...]
     inputs: tuple[int, ...]                 # the checkpoint (index into cfg.models) of each source
     base_index: int | None                  # which source is the base
+    vocab: bool = False                     # token-indexed rows, re-indexed to the output tokenizer before merging
 
     @property
     def numel(self) -> int:

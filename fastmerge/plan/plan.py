@@ -125,11 +125,12 @@ def _check_names(cfg: MergeConfig, ckpts: list[Checkpoint], ref: Checkpoint) -> 
             warnings.warn(msg + "; they are not merged (fastmerge.extra_tensors: ignore)", stacklevel=3)
 
 
-def _check_input(cfg: MergeConfig, ck: Checkpoint, inf: TensorInfo, ref: Checkpoint, ti: TensorInfo) -> None:
-    """One input of a floating or non-floating tensor against the reference's: same shape, same kind, and the
-    same dtype unless the config casts."""
+def _check_input(cfg: MergeConfig, ck: Checkpoint, inf: TensorInfo, ref: Checkpoint, ti: TensorInfo,
+                 vocab: bool = False) -> None:
+    """One input of a floating or non-floating tensor against the reference's: same shape (but for the token
+    rows of a ``vocab`` tensor), same kind, and the same dtype unless the config casts."""
     name = ti.name
-    if inf.shape != ti.shape:
+    if (inf.shape[1:] != ti.shape[1:] or len(inf.shape) != len(ti.shape)) if vocab else inf.shape != ti.shape:
         raise CheckpointError(f"{ck.name}: {inf.file}: tensor {inf.name!r} has shape {list(inf.shape)}, "
                               f"{ref.name} has {list(ti.shape)}" + (f" ({name!r})" if name != inf.name else ""))
     floating = ti.dtype.is_floating_point
@@ -143,20 +144,31 @@ def _check_input(cfg: MergeConfig, ck: Checkpoint, inf: TensorInfo, ref: Checkpo
 
 
 def _job(cfg: MergeConfig, name: str, ti: TensorInfo, ri: int, infos: tuple[TensorInfo, ...], g: Inputs,
-         resolve_one: Callable[[str, float], tuple], t: float) -> Job:
+         resolve_one: Callable[[str, float], tuple], t: float, vocab=None) -> Job:
     """The job writing ``name`` from ``infos`` (one per model of ``g``); ``ti`` is the reference's tensor,
-    from checkpoint ``ri``: a tensor that is not floating is copied from it."""
+    from checkpoint ``ri``: a tensor that is not floating is copied from it. With ``vocab`` (the output
+    tokenizer), a token-indexed tensor gets the output vocabulary's rows."""
     if not ti.dtype.is_floating_point:
         return Job(name, ti.shape, (ti,), False, ti.dtype, {}, (), (ri,), None)
     shared, per_input = resolve_one(name, t)
     out_dtype = cfg.out_dtype or cfg.dtype or ti.dtype
-    return Job(name, ti.shape, infos, True, out_dtype, shared, tuple(per_input), g.models, g.base_index)
+    shape = (vocab.size, *ti.shape[1:]) if vocab is not None else ti.shape
+    return Job(name, shape, infos, True, out_dtype, shared, tuple(per_input), g.models, g.base_index,
+               vocab is not None)
 
 
-def build(cfg: MergeConfig, method: Method, ckpts: list[Checkpoint]) -> list[Job]:
-    """One frozen job per output tensor, in schedule order (fastmerge.plan.schedule.order)."""
+def _vocab_of(vocab, name: str, shape: tuple[int, ...]):
+    """The output tokenizer if ``name`` is a token-indexed tensor to re-index, else None."""
+    from ..tokenizer import VOCAB_TENSOR
+
+    return vocab if vocab is not None and len(shape) >= 1 and VOCAB_TENSOR.search(name) else None
+
+
+def build(cfg: MergeConfig, method: Method, ckpts: list[Checkpoint], vocab=None) -> list[Job]:
+    """One frozen job per output tensor, in schedule order (fastmerge.plan.schedule.order); ``vocab`` is the
+    output tokenizer (fastmerge.tokenizer.Vocabulary) when the config builds one."""
     if cfg.slices is not None:
-        return _build_slices(cfg, ckpts)
+        return _build_slices(cfg, ckpts, vocab)
     ref = reference(cfg, ckpts)
     ri = ckpts.index(ref)
     _check_names(cfg, ckpts, ref)
@@ -167,9 +179,10 @@ def build(cfg: MergeConfig, method: Method, ckpts: list[Checkpoint]) -> list[Job
     jobs = []
     for ti in order(ref.tensors.values()):
         infos = tuple(ck.tensors[ti.name] for ck in ckpts)
+        v = _vocab_of(vocab, ti.name, ti.shape)
         for ck, inf in zip(ckpts, infos, strict=True):
-            _check_input(cfg, ck, inf, ref, ti)
-        jobs.append(_job(cfg, ti.name, ti, ri, infos, g, resolve_one, layer_t(ti.name, L)))
+            _check_input(cfg, ck, inf, ref, ti, v is not None)
+        jobs.append(_job(cfg, ti.name, ti, ri, infos, g, resolve_one, layer_t(ti.name, L), v))
     return jobs
 
 
@@ -182,7 +195,7 @@ def renumber(name: str, layer: int) -> str:
     return name[:m.start(1)] + str(layer) + name[m.end(1):]
 
 
-def _build_slices(cfg: MergeConfig, ckpts: list[Checkpoint]) -> list[Job]:
+def _build_slices(cfg: MergeConfig, ckpts: list[Checkpoint], vocab=None) -> list[Job]:
     """mergekit's slice plan: the tensors before the layers (embeddings) merged over the first slice's sources,
     each slice's layers over its sources, layer by layer, renumbered consecutively (gradients run over the
     slice, t = i / (n - 1)), then the tensors after the layers (norm, head) over the last slice's sources, as
@@ -215,9 +228,10 @@ def _build_slices(cfg: MergeConfig, ckpts: list[Checkpoint]) -> list[Job]:
                     raise CheckpointError(f"model {ckpts[k].name} lacks tensor {n!r} ({g.where}, output {out!r})")
                 infos.append(inf)
             ti = infos[0]
+            v = _vocab_of(vocab, out, ti.shape)
             for k, inf in zip(g.models, infos, strict=True):
-                _check_input(cfg, ckpts[k], inf, ckpts[g.models[0]], ti)
-            jobs.append(_job(cfg, out, ti, g.models[0], tuple(infos), g, resolve_one, t))
+                _check_input(cfg, ckpts[k], inf, ckpts[g.models[0]], ti, v is not None)
+            jobs.append(_job(cfg, out, ti, g.models[0], tuple(infos), g, resolve_one, t, v))
 
     outside = [n for n in ckpts[groups[0].models[0]].tensors if layer_index(n) is None]
     first, last = groups[0], groups[-1]

@@ -8,7 +8,7 @@ start in the background when the module's first test runs, so the fastmerge-only
 Tolerances (see golden_configs): the task-arithmetic family (task_arithmetic, ties, breadcrumbs,
 and DARE/DELLA where the density leaves nothing to chance) must give mergekit's bytes, exactly
 k magnitudes kept in its sort's tie order, in fp32, bf16 and fp16 and on 1M-element tensors where thousands of
-16-bit magnitudes tie at the cut. linear/slerp/passthrough: fp32 to rtol 1e-6 / atol 1e-7, 16-bit <= 1 ulp.
+16-bit magnitudes tie at the cut; linear and slerp (in chunks of 1M elements) too.
 DARE/DELLA draw their randomness differently (fastmerge: counter-based Philox), so those are checked
 statistically (fastmerge and mergekit both) and for determinism per seed.
 """
@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 import yaml
-from _models import load_dir, make_llama_family, make_lora
+from _models import add_tokenizer, load_dir, make_llama_family, make_lora, set_vocab
 
 HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
 MERGEKIT_YAML = next((p for p in (os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
@@ -156,10 +156,10 @@ def golden_configs(F: list[str], B: list[str], L: list[str], H: list[str]) -> di
         "della_linear_density1": ("exact", {
             "merge_method": "della_linear", "base_model": fb, "dtype": "float32", "parameters": {"lambda": 1.1},
             "models": [_m(f0, weight=0.6, density=1.0, epsilon=0.2), _m(f1, weight=0.6, density=1.0)]}),
-        "slerp_filters": ("fp32", {
+        "slerp_filters": ("exact", {
             "merge_method": "slerp", "base_model": fb, "dtype": "float32", "parameters": {"t": attn_mlp_t},
             "models": [_m(fb), _m(f0)]}),
-        "slerp_gradient": ("fp32", {  # base listed second; 4-point gradient over 3 layers
+        "slerp_gradient": ("exact", {  # base listed second; 4-point gradient over 3 layers
             "merge_method": "slerp", "base_model": f1, "dtype": "float32", "parameters": {"t": [0, 0.3, 0.7, 1]},
             "models": [_m(f2), _m(f1)]}),
         "passthrough_scale": ("fp32", {
@@ -274,7 +274,7 @@ def slice_configs(F: list[str], B: list[str]) -> dict[str, tuple[str, dict]]:
             "merge_method": "passthrough",
             "slices": [{"sources": [_src(b0, 0, 3)]}, {"sources": [_src(b0, 1, 2)]},
                        {"sources": [_src(b1, 2, 3, scale=0.25)]}]}),
-        "slices_slerp_gradient": ("fp32", {
+        "slices_slerp_gradient": ("exact", {
             "merge_method": "slerp", "base_model": fb, "dtype": "float32",
             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
@@ -324,10 +324,79 @@ def large_configs(L: list[str], tag: str) -> dict[str, tuple[str, dict]]:
             "merge_method": "multislerp", "base_model": lb, "models": [_m(l0, weight=0.7), _m(l1, weight=0.3)]}),
         f"{tag}_large_linear": ("exact", {
             "merge_method": "linear", "models": [_m(lb, weight=0.2), _m(l0, weight=0.5), _m(l1, weight=0.35)]}),
+        f"{tag}_large_slerp": ("exact", {  # the MLP matrices span 3 of its 1M-element chunks
+            "merge_method": "slerp", "base_model": lb, "parameters": {"t": [{"filter": "mlp", "value": 0.6},
+                                                                          {"value": 0.35}]},
+            "models": [_m(lb), _m(l1)]}),
         f"{tag}_large_task_arithmetic": ("exact", {
             "merge_method": "task_arithmetic", "base_model": lb, "parameters": {"normalize": True},
             "models": [_m(l0, weight=0.3), _m(l1, weight=0.9)]}),
     }
+
+
+def chat_configs(T: list[str]) -> dict[str, dict]:
+    """chat_template: auto (the plurality of the models' templates, one in chat_template.jinja) and raw Jinja;
+    these run with mergekit's default --copy-tokenizer, which writes the template."""
+    tb, t0, t1 = T
+    return {
+        "chat_auto": {"merge_method": "task_arithmetic", "base_model": tb, "chat_template": "auto",
+                      "models": [_m(t0, weight=0.5), _m(t1, weight=0.5)]},
+        "chat_jinja": {"merge_method": "linear", "chat_template": "{% for m in messages %}<{{ m['role'] }}>"
+                                                                 "{{ m['content'] }}{% endfor %}",
+                       "models": [_m(t0, weight=1.0), _m(t1, weight=1.0)]},
+    }
+
+
+def tokenizer_configs(V: list[str]) -> dict[str, dict]:
+    """tokenizer_source / tokenizer: models whose vocabularies differ (extra tokens, another order, added
+    tokens, padding rows past the tokenizer): embedding and LM-head rows re-indexed as mergekit does."""
+    vb, v0, v1 = V
+    return {
+        "tok_union_ties": {"merge_method": "ties", "base_model": vb, "tokenizer_source": "union",
+                           "models": [_m(v0, weight=0.5, density=0.6), _m(v1, weight=0.5, density=0.8)]},
+        "tok_base_linear": {"merge_method": "linear", "base_model": vb, "tokenizer_source": "base",
+                            "models": [_m(vb, weight=0.3), _m(v0, weight=0.7), _m(v1, weight=0.2)]},
+        "tok_section": {"merge_method": "task_arithmetic", "base_model": vb, "dtype": "float32",
+                        "models": [_m(v0, weight=0.5), _m(v1, weight=1.0)],
+                        "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+                            "<new>": {"source": {"kind": "zero"}},
+                            "a": {"source": v0, "force": True},
+                            "<tool>": {"source": {"kind": "model_token", "model": v1, "token": "b"}},
+                            "f": {"source": {"kind": "model_token", "model": v0, "token_id": 3}, "force": True}}}},
+        "tok_model_source": {"merge_method": "linear", "tokenizer_source": v1,
+                             "models": [_m(vb, weight=1.0), _m(v0, weight=1.0)]},
+    }
+
+
+def _vocab(out: str) -> dict[str, int]:
+    with open(os.path.join(out, "tokenizer.json")) as f:
+        t = json.load(f)
+    return {**t["model"]["vocab"], **{a["content"]: a["id"] for a in t["added_tokens"]}}
+
+
+@pytest.mark.parametrize("name", ["tok_union_ties", "tok_base_linear", "tok_section", "tok_model_source"])
+def test_tokenizer_vs_mergekit(env, name):
+    fm, mk = env.fastmerge(name), env.mergekit(name)
+    assert _vocab(fm) == _vocab(mk)
+    with open(os.path.join(fm, "config.json")) as f, open(os.path.join(mk, "config.json")) as g:
+        assert json.load(f)["vocab_size"] == json.load(g)["vocab_size"]
+    compare_dirs(mk, fm, "exact", env, name)
+
+
+def _chat_template(out: str) -> str | None:
+    """The chat template a tokenizer folder gives transformers (chat_template.jinja first)."""
+    p = os.path.join(out, "chat_template.jinja")
+    if os.path.exists(p):
+        return open(p, encoding="utf-8").read()
+    return json.load(open(os.path.join(out, "tokenizer_config.json"))).get("chat_template")
+
+
+@pytest.mark.parametrize("name", ["chat_auto", "chat_jinja"])
+def test_chat_template_vs_mergekit(env, name):
+    fm, mk = env.fastmerge(name), env.mergekit(name)
+    ours, theirs = _chat_template(fm), _chat_template(mk)
+    assert theirs and ours == theirs, (ours, theirs)
+    compare_dirs(mk, fm, "exact", env, name)
 
 
 # Run through the real mergekit-yaml CLI (and through the in-process engine).
@@ -368,10 +437,25 @@ class Env:
         make_lora(self.F[1] + "-lora", self.F[1], ["q_proj", "o_proj", "up_proj", "embed_tokens"], r=8, alpha=16,
                   use_rslora=True, rank_pattern={"up_proj": 2}, modules_to_save=["lm_head"], seed=1)
         make_lora(self.F[2] + "-lora", self.F[2], ["k_proj", "gate_proj"], r=2, alpha=1, seed=2)
+        self.T = make_llama_family(os.path.join(root, "T"), hidden=32, layers=1, vocab=64, experts=2,
+                                   dtype=torch.float32, seed=4)
+        popular = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        add_tokenizer(self.T[0], "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        add_tokenizer(self.T[1], popular + "\n", jinja_file=True)  # compared stripped
+        add_tokenizer(self.T[2], popular)
+        self.V = make_llama_family(os.path.join(root, "V"), hidden=32, layers=1, vocab=8, experts=2,
+                                   dtype=torch.bfloat16, seed=5)
+        base_toks = ["<unk>", "<s>", "</s>", "a", "b", "c", "d", "e"]
+        set_vocab(self.V[0], base_toks, rows=10, seed=1)  # two padding rows past the tokenizer
+        # one new token from one model only: mergekit numbers new tokens in hash order (set and dict iteration)
+        set_vocab(self.V[1], base_toks + ["f"], ["<tool>"], seed=2)
+        set_vocab(self.V[2], ["<unk>", "<s>", "</s>", "c", "a", "b", "e", "d"], ["<tool>", "<x>"], seed=3)
+        self.tok = tokenizer_configs(self.V)
         self.golden = golden_configs(self.F, self.B, self.L, self.H)
         self.stochastic = stochastic_configs(self.F)
+        self.chat = chat_configs(self.T)
         configs = {**{n: c for n, (_, c) in self.golden.items()},
-                   **self.stochastic, "cli": cli_config(self.F)}
+                   **self.stochastic, **self.chat, **self.tok, "cli": cli_config(self.F)}
         self.cfg: dict[str, str] = {}
         self.cfg_dict: dict[str, dict] = configs
         os.makedirs(os.path.join(root, "cfg"))
@@ -381,7 +465,8 @@ class Env:
                 yaml.safe_dump(cfg, f, sort_keys=False)
         self.mk_dir = os.path.join(root, "mk")
         self.fm_dir = os.path.join(root, "fm")
-        jobs = [[self.cfg[n], os.path.join(self.mk_dir, n)] for n in configs if n != "cli"]
+        jobs = [[self.cfg[n], os.path.join(self.mk_dir, n), *([{"copy_tokenizer": True}] if n in self.chat else [])]
+                for n in configs if n != "cli"]
         jobs_path = os.path.join(root, "mk_jobs.json")
         with open(jobs_path, "w") as f:
             json.dump(jobs, f)
