@@ -215,23 +215,19 @@ def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
             raise ConfigError(f"{where}: not a parameter of {m.name}; expected one of {', '.join(names)}")
         warnings.warn(f"{where}: {m.name} takes no {k!r}; ignored, as mergekit does", stacklevel=3)
 
-    for k, v in cfg.parameters.items():
-        if k not in names:
-            leftover(k, f"parameters.{k}")
-            continue
-        for leaf in _leaves(v):
-            _check_range(names[k], leaf, f"parameters.{k}")
+    shared = [("parameters", cfg.parameters)] + [(f"slices[{i}].parameters", sl.parameters)
+                                                 for i, sl in enumerate(cfg.slices or ())]
+    for who, settings in shared:  # global and slice settings: any parameter of the method
+        for k, v in settings.items():
+            if k not in names:
+                leftover(k, f"{who}.{k}")
+                continue
+            for leaf in _leaves(v):
+                _check_range(names[k], leaf, f"{who}.{k}")
     per_input = ([(f"models[{i}] ({model.label})", model.parameters) for i, model in enumerate(cfg.models)]
                  if cfg.slices is None else
                  [(f"slices[{i}].sources[{j}] ({cfg.models[s.model].label})", s.parameters)
                   for i, sl in enumerate(cfg.slices) for j, s in enumerate(sl.sources)])
-    for i, sl in enumerate(cfg.slices or ()):
-        for k, v in sl.parameters.items():
-            if k not in names:
-                leftover(k, f"slices[{i}].parameters.{k}")
-                continue
-            for leaf in _leaves(v):
-                _check_range(names[k], leaf, f"slices[{i}].parameters.{k}")
     for who, settings in per_input:
         for k, v in settings.items():
             p = names.get(k)
