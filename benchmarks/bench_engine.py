@@ -273,6 +273,41 @@ def test_engine(benchmark, family, method, provider):
     shutil.rmtree(out, ignore_errors=True)
 
 
+PATCHED_CASES = [(m, p) for m in ("ties", "task_arithmetic", "dare_ties") for p in ("stock", "patched")]
+
+
+@pytest.mark.parametrize(("method", "provider"), PATCHED_CASES, ids=[f"{m}-{p}" for m, p in PATCHED_CASES])
+def test_mergekit_patched(benchmark, family, method, provider):
+    """mergekit-yaml's command line, stock against fastmerge.integrations.mergekit's patched shim."""
+    if not HAVE_MERGEKIT:
+        pytest.skip("mergekit is not installed")
+    cfg = _config(method, family)
+    out = os.path.join(CACHE, f"out-{method}-mergekit-{provider}")
+    flags = [cfg, out, "--no-copy-tokenizer", "--random-seed", "0", "--quiet"]
+    cmd = [MERGEKIT_YAML, *flags] if provider == "stock" else [sys.executable, "-m", "fastmerge.integrations.mergekit",
+                                                                 *flags]
+    files = _input_files(family)
+
+    def setup():
+        shutil.rmtree(out, ignore_errors=True)
+        _warm(files)
+
+    runs = _measure(benchmark, lambda: run_child(cmd, out + ".log"), setup, rounds=1 if provider == "stock" else 3)
+    wall = statistics.median(r["wall_s"] for r in runs)
+    rss = max(r["peak_rss_bytes"] for r in runs)
+    info = {"provider": f"mergekit_{provider}", "op": "mergekit_yaml", "method": method, "threads": THREADS,
+            "wall_s": round(wall, 3), "peak_rss_mb": round(rss / 2**20, 1)}
+    stock = _results.get((method, "mergekit_stock"))
+    if provider == "patched" and stock:
+        info["speedup"] = round(stock["wall_s"] / wall, 2)
+        info["rss_ratio"] = round(rss / stock["peak_rss_bytes"], 3)
+        info["target"] = {"speedup": 5.0}
+        info["meets_target"] = info["speedup"] >= 5.0
+    _results[(method, f"mergekit_{provider}")] = {"wall_s": wall, "peak_rss_bytes": rss}
+    benchmark.extra_info.update(info)
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def _eigh_ms() -> float:
     """This VM's speed at the moment, in the unit the subspace methods' CPU time is made of: one fp64
     eigendecomposition of a 1024 x 1024 symmetric matrix on one thread (median of 3). The 2-core VM drifts by

@@ -156,7 +156,10 @@ def run_yaml() -> None:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None, yaml_cli: bool = False) -> int:
+def main(argv: list[str] | None = None, yaml_cli: bool = False, fallback=None) -> int:
+    """The command line; ``fallback(reason) -> exit status`` (mergekit's own executor, for
+    fastmerge.integrations.mergekit) takes over a merge whose flags or config fastmerge cannot run, before
+    anything is written."""
     if yaml_cli:
         args = _yaml_parser().parse_args(argv)
         args.cmd = "merge"
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None, yaml_cli: bool = False) -> int:
         args = _parser().parse_args(argv)
     if args.cmd == "merge":
         err = _mergekit_flags(args)
+        if err and fallback is not None:
+            return fallback(err)
         if err:
             print(f"{'fastmerge-yaml' if yaml_cli else 'fastmerge merge'}: error: {err}", file=sys.stderr)
             return 2
@@ -196,7 +201,12 @@ def main(argv: list[str] | None = None, yaml_cli: bool = False) -> int:
             else:
                 res = reconstruct(args.store, args.task, args.out_dir, out_shard_size=args.out_shard_size)
                 print(f"task {res['task']} (scale {res['scale']:.4g}) -> {res['out_dir']}")
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, OSError) as e:
+    except ConfigError as e:
+        if fallback is not None:
+            return fallback(str(e))
+        print(f"fastmerge {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, OSError) as e:
         print(f"fastmerge {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -46,10 +46,9 @@ DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "tokenizer", "chat_template", "fastmerge", "name")
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "fastmerge", "name")
 UNSUPPORTED_KEYS = {
-    "modules": "multi-module configs are not supported yet; list whole models under 'models:'",
 }
 OPTIONAL_KEYS = ("tokenizer", "tokenizer_source", "chat_template")  # null: a warning, as mergekit ignores it
 FASTMERGE_KEYS = {
@@ -133,6 +132,7 @@ class MergeConfig:
     slices: tuple[OutputSlice, ...] | None = None   # the ``slices:`` form; models then holds each model once
     chat_template: str | None = None                # ``auto``, a built-in name or Jinja (fastmerge.chat_templates)
     tokenizer: TokenizerSpec | None = None          # the output tokenizer, when the config builds one
+    module_parameters: dict[str, Any] = field(default_factory=dict)  # a one-module ``modules:`` config's
 
     @property
     def experts(self) -> list[InputModel]:
@@ -251,6 +251,8 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise ConfigError("config needs 'merge_method' (a method name)")
+    raw, data = data, dict(data)  # the config as given stays the record's
+    module_params = _lift_module(data)
     models_raw, slices_raw = data.get("models"), data.get("slices")
     if (models_raw is None) == (slices_raw is None):
         raise ConfigError("config needs exactly one of 'models:' (whole models) and 'slices:' (layer ranges)")
@@ -333,8 +335,37 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
         if allowed and v not in allowed:
             raise ConfigError(f"fastmerge.{k}: expected one of {', '.join(allowed)}, got {v!r}")
     cfg = MergeConfig(method, base, models, dict(params), parse_dtype(data.get("dtype"), "dtype"),
-                      parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), data, slices, ct, tokenizer)
+                      parse_dtype(data.get("out_dtype"), "out_dtype"), dict(options), raw, slices, ct, tokenizer,
+                      module_params)
     return cfg
+
+
+def _lift_module(data: dict) -> dict[str, Any]:
+    """mergekit's ``modules:`` form with one module (a one-module architecture's name, e.g. ``default``): its
+    ``models:`` or ``slices:`` become the config's, its ``parameters`` rank between a slice's and the global
+    ones (returned). mergekit's own run_merge leaves a config in this form. Several modules are an error."""
+    mods = data.pop("modules", None)
+    if mods is None:
+        return {}
+    if not isinstance(mods, dict) or len(mods) != 1:
+        got = list(mods) if isinstance(mods, dict) else mods
+        raise ConfigError("config key 'modules': only one module is supported (a model of several modules, such "
+                          f"as a vision-language model, is not), got {got!r}")
+    ((name, mdef),) = mods.items()
+    where = f"modules.{name}"
+    if not isinstance(mdef, dict) or set(mdef) - {"slices", "models", "parameters", "name"}:
+        raise ConfigError(f"{where}: expected a mapping of models or slices, and parameters")
+    for key in ("models", "slices"):
+        if mdef.get(key) is not None:
+            if data.get("models") is not None or data.get("slices") is not None:
+                raise ConfigError("config needs exactly one of 'models:', 'slices:' and 'modules:'")
+            data[key] = mdef[key]
+    params = mdef.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.parameters: expected a mapping, got {params!r}")
+    for k, v in params.items():
+        _check_setting(v, f"{where}.parameters.{k}")
+    return dict(params)
 
 
 def _parse_tokenizer(data: dict, models: list[InputModel], resolve) -> TokenizerSpec | None:

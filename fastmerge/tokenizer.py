@@ -17,11 +17,9 @@ tokenizer.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -29,27 +27,11 @@ from typing import Any
 import torch
 
 from .config import ConfigError, MergeConfig, TokenizerSpec
+from .peers import checkout_off_path
 
 # tensors indexed by token along dim 0: input embeddings and LM heads
 VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|word_embeddings|tok_embeddings|lm_head|embed_out)"
                           r"\.weight$")
-
-
-@contextlib.contextmanager
-def _checkout_off_path():
-    """sys.path without a fastmerge source checkout's root while transformers runs: the checkout's top-level
-    ``kernels/`` folder (fastmerge's Triton kernels, installed as fastmerge._kernels) would otherwise shadow the
-    ``kernels`` package that transformers imports when it is installed."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "kernels")):
-        yield
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
 
 
 def _vocab_size(path: str) -> int | None:
@@ -140,7 +122,7 @@ class Vocabulary:
     base: int
 
     def save(self, directory: str) -> None:
-        with _checkout_off_path():
+        with checkout_off_path():
             self.tokenizer.save_pretrained(directory)
 
     def permute(self, name: str, inputs: tuple[int, ...], base_index: int | None,
@@ -222,7 +204,7 @@ class Vocabulary:
 
 def build(cfg: MergeConfig, spec: TokenizerSpec) -> Vocabulary:
     """The output tokenizer and every model's permutation, from the tokenizer files alone (plan time)."""
-    with _checkout_off_path():
+    with checkout_off_path():
         return _build(cfg, spec)
 
 

@@ -154,7 +154,8 @@ def input_groups(cfg: MergeConfig) -> list[Inputs]:
     if cfg.slices is None:
         bi = cfg.models.index(cfg.base) if cfg.base is not None else None
         return [Inputs("models", tuple(m.label for m in cfg.models),
-                       tuple((m.parameters, cfg.parameters) for m in cfg.models), (cfg.parameters,), bi,
+                       tuple((m.parameters, cfg.module_parameters, cfg.parameters) for m in cfg.models),
+                       (cfg.module_parameters, cfg.parameters), bi,
                        tuple(range(len(cfg.models))))]
     groups = []
     for i, sl in enumerate(cfg.slices):
@@ -163,8 +164,10 @@ def input_groups(cfg: MergeConfig) -> list[Inputs]:
             raise ConfigError(f"slices[{i}]: base_model {cfg.models[sl.base].label} is not among its sources "
                               "(list it with a layer_range)")
         groups.append(Inputs(f"slices[{i}]", tuple(cfg.models[j].label for j in idx),
-                             tuple((s.parameters, sl.parameters, cfg.parameters) for s in sl.sources),
-                             (sl.parameters, cfg.parameters), None if sl.base is None else idx.index(sl.base), idx))
+                             tuple((s.parameters, sl.parameters, cfg.module_parameters, cfg.parameters)
+                                   for s in sl.sources),
+                             (sl.parameters, cfg.module_parameters, cfg.parameters),
+                             None if sl.base is None else idx.index(sl.base), idx))
     return groups
 
 
@@ -215,8 +218,8 @@ def validate(m: Method, cfg: MergeConfig, methods: dict[str, Method]) -> None:
             raise ConfigError(f"{where}: not a parameter of {m.name}; expected one of {', '.join(names)}")
         warnings.warn(f"{where}: {m.name} takes no {k!r}; ignored, as mergekit does", stacklevel=3)
 
-    shared = [("parameters", cfg.parameters)] + [(f"slices[{i}].parameters", sl.parameters)
-                                                 for i, sl in enumerate(cfg.slices or ())]
+    shared = [("parameters", cfg.parameters), ("modules.parameters", cfg.module_parameters)] + [
+        (f"slices[{i}].parameters", sl.parameters) for i, sl in enumerate(cfg.slices or ())]
     for who, settings in shared:  # global and slice settings: any parameter of the method
         for k, v in settings.items():
             if k not in names:

@@ -336,6 +336,23 @@ def test_slices_config_json_and_models_form(tmp_path):
     assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
 
 
+def test_one_module_modules_form(tmp_path):
+    """mergekit's modules: form with one module is its models: / slices: form, its parameters between the
+    inputs' and the global ones; several modules are an error naming the key."""
+    f = make_llama_family(str(tmp_path / "f"), layers=2, experts=2)
+    models = [{"model": p, "parameters": {"weight": 0.5}} for p in f[1:]]
+    flat = {"merge_method": "ties", "base_model": f[0], "models": models, "parameters": {"density": 0.4}}
+    mod = {"merge_method": "ties", "base_model": f[0], "parameters": {"density": 0.9},
+           "modules": {"default": {"models": models, "parameters": {"density": 0.4}}}}
+    fastmerge.merge(flat, str(tmp_path / "a"), quiet=True)
+    fastmerge.merge(mod, str(tmp_path / "b"), quiet=True)
+    x, y = load_dir(str(tmp_path / "a")), load_dir(str(tmp_path / "b"))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    _fails(tmp_path, {**mod, "modules": {"a": {"models": models}, "b": {"models": models}}}, ConfigError,
+           "config key 'modules': only one module is supported")
+    _fails(tmp_path, {**mod, "models": models}, ConfigError, "exactly one of 'models:', 'slices:' and 'modules:'")
+
+
 def _copy_family(fam, dst):
     import shutil
 
