@@ -5,6 +5,8 @@
   A config or option fastmerge cannot run goes to mergekit's own executor, with one line naming why.
 - :func:`patch` (a context manager that also works as a plain call; :func:`unpatch` undoes it): mergekit's
   ``run_merge``, wherever mergekit's modules and its users' code look it up, becomes :func:`run_merge`.
+- :func:`register_methods`: fastmerge's per-tensor methods that mergekit lacks, registered in mergekit's method
+  registry as ``fastmerge_<name>``, so that mergekit's own executor runs them on fastmerge's kernels.
 - ``python -m fastmerge.integrations.mergekit CONFIG OUT [mergekit-yaml's options]``: mergekit-yaml's command
   line on fastmerge (fastmerge-yaml's parser, which takes its every flag), falling back to mergekit-yaml itself
   for what fastmerge cannot run.
@@ -69,6 +71,58 @@ def run_merge(merge_config, out_path: str, options=None, config_source: str | No
     print(f"fastmerge: {why}: running mergekit's own executor", file=sys.stderr)
     with checkout_off_path():
         _stock()(merge_config, out_path, options=options, config_source=config_source)
+
+
+# fastmerge's methods mergekit lacks, per tensor (whole-model ones, doge_ta and trim: global, need the engine)
+MERGEKIT_LACKS = ("tsv_m", "iso_c", "iso_cts", "consensus_ta", "consensus_ties")
+
+
+def register_methods() -> list[str]:
+    """Register fastmerge's per-tensor methods that mergekit lacks in mergekit's method registry as
+    ``fastmerge_<name>`` (``fastmerge_tsv_m``, ``fastmerge_iso_c``, ...), with their parameters, so that a mergekit
+    config can name them and mergekit's own executor runs them on fastmerge's kernels. Idempotent; returns the
+    registered names."""
+    with checkout_off_path():
+        from mergekit.merge_methods.base import (
+            BasePolicy,
+            FunctionalGroupMergeMethod,
+            InputContract,
+            MergeMethodSpec,
+            ParameterScope,
+            ParameterSpec,
+        )
+        from mergekit.merge_methods.registry import register, registered_methods
+
+    from ..methods import INPUT, METHODS, NONBASE, REQUIRED, TensorCall
+
+    scopes = {INPUT: ParameterScope.INPUT, NONBASE: ParameterScope.NON_BASE}
+    have = {m.spec.name for m in registered_methods()}
+    names = []
+    for fm_name in MERGEKIT_LACKS:
+        method, name = METHODS[fm_name], "fastmerge_" + fm_name
+        names.append(name)
+        if name in have:
+            continue
+        spec = MergeMethodSpec(
+            name=name, pretty_name=f"fastmerge {fm_name}",
+            contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
+            parameters=tuple(ParameterSpec(p.name, p.kind, scopes.get(p.scope, ParameterScope.SHARED),
+                                           **({} if p.default is REQUIRED else {"default": p.default}))
+                             for p in method.params))
+
+        def run(group, _m=method, **kw):
+            scope = {p.name: p.scope for p in _m.params}
+            entries = group.entries
+            bi = next((i for i, e in enumerate(entries) if e.is_base), None)
+            shared = {k: v for k, v in kw.items() if scope[k] not in (INPUT, NONBASE)}
+            per_input = [{k: v[e.id] for k, v in kw.items()
+                          if scope[k] == INPUT or (scope[k] == NONBASE and not e.is_base)} for e in entries]
+            call = TensorCall(group.metadata.name or "", [e.tensor for e in entries], bi, shared, per_input, 0,
+                              entries[bi if bi is not None else 0].tensor.dtype, {})
+            return _m.fn(call)
+
+        register(FunctionalGroupMergeMethod(spec, run))
+    return names
 
 
 class _Patched:

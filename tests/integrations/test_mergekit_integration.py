@@ -1,7 +1,8 @@
 """fastmerge.integrations.mergekit through mergekit's own API and command line, with mergekit installed: the
 patched run_merge and the mergekit-yaml shim give stock mergekit's tensors and fastmerge's record, patch()
 undoes itself (and runs the config mergekit's own run_merge leaves behind, rewritten into its modules: form),
-and an option fastmerge cannot honour falls back to mergekit's executor with one line saying why.
+an option fastmerge cannot honour falls back to mergekit's executor with one line saying why; methods
+registered in mergekit's registry give the engine's bytes.
 mergekit runs in subprocesses outside the checkout (importing it costs seconds; see fastmerge.peers)."""
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ SCRIPT = textwrap.dedent("""
                              options=lacking)
     fm.unpatch()
     res["restored_again"] = mergekit.merge.run_merge is stock
+    res["registered"] = fm.register_methods() == fm.register_methods()  # idempotent
+    for name in ("tsv_m", "consensus_ties"):  # mergekit's own executor, fastmerge's per-tensor methods
+        c = dict(yaml.safe_load(open(cfg_path)), merge_method="fastmerge_" + name)
+        for m in c["models"]:
+            m.pop("parameters", None)
+        stock(MergeConfiguration.model_validate(c), root + "/registered-" + name, options=opts)
     print(json.dumps(res))
 """)
 
@@ -72,7 +79,13 @@ def test_run_merge_patch_and_shim_give_mergekits_tensors(tmp_path):
         yaml.safe_dump(cfg, fh)
     r = _run(["-c", SCRIPT, path, str(tmp_path)], cwd=str(tmp_path))
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res == {"patched": True, "restored": True, "restored_again": True}, r.stderr[-3000:]
+    assert res == {"patched": True, "restored": True, "restored_again": True, "registered": True}, r.stderr[-3000:]
+    import fastmerge
+
+    for name in ("tsv_m", "consensus_ties"):
+        fastmerge.merge({**cfg, "merge_method": name, "models": [{"model": p} for p in f[1:]]},
+                        str(tmp_path / f"engine-{name}"), quiet=True)
+        _same(str(tmp_path / f"engine-{name}"), str(tmp_path / f"registered-{name}"))
     _same(str(tmp_path / "stock"), str(tmp_path / "patched"))
     assert os.path.exists(tmp_path / "patched" / "fastmerge_config.yml")  # fastmerge's engine ran
     assert "fastmerge: unsafe_truncate_embeddings=True: running mergekit's own executor" in r.stderr
