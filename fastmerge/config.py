@@ -274,14 +274,6 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
             return one(parts[0]), one(parts[1])
         return one(p), None
 
-    def params_of(m: dict, where: str) -> dict:
-        params = m.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}.parameters: expected a mapping, got {params!r}")
-        for k, v in params.items():
-            _check_setting(v, f"{where}.parameters.{k}")
-        return dict(params)
-
     models: list[InputModel] = []
     slices = None
     if models_raw is not None:
@@ -299,7 +291,7 @@ def load(source: str | os.PathLike | dict) -> MergeConfig:
             path, lora = resolve(m["model"], where)
             models.append(InputModel(path, params_of(m, where), str(m["model"]), lora))
     else:
-        slices = _parse_slices(slices_raw, models, resolve, params_of)
+        slices = _parse_slices(slices_raw, models, resolve)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"parameters: expected a mapping, got {params!r}")
@@ -360,7 +352,12 @@ def _lift_module(data: dict) -> dict[str, Any]:
             if data.get("models") is not None or data.get("slices") is not None:
                 raise ConfigError("config needs exactly one of 'models:', 'slices:' and 'modules:'")
             data[key] = mdef[key]
-    params = mdef.get("parameters") or {}
+    return params_of(mdef, where)
+
+
+def params_of(m: dict, where: str) -> dict:
+    """A mapping's ``parameters:``, each setting checked."""
+    params = m.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}.parameters: expected a mapping, got {params!r}")
     for k, v in params.items():
@@ -435,7 +432,7 @@ def _parse_tokenizer(data: dict, models: list[InputModel], resolve) -> Tokenizer
     return TokenizerSpec(source(sec.get("source", "union"), "tokenizer.source"), tokens, pad)
 
 
-def _parse_slices(raw: Any, models: list[InputModel], resolve, params_of) -> list[OutputSlice]:
+def _parse_slices(raw: Any, models: list[InputModel], resolve) -> list[OutputSlice]:
     """``slices:`` into OutputSlices whose sources index ``models`` (each distinct model appended once); a
     slice's own base_model is resolved here, the config's is filled in by the caller."""
     if not isinstance(raw, list) or not raw:
