@@ -59,6 +59,19 @@ _DIRECT_MIN = 1 << 20      # tensors smaller than this are written buffered
 _BOUNCE = 8 << 20          # aligned staging buffer for O_DIRECT writes
 
 
+def read_model_config(path: str) -> dict | None:
+    """A model folder's config.json (its text_config for a multimodal one), if readable."""
+    cfg = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    if cfg and os.path.isfile(cfg):
+        try:
+            with open(cfg) as f:
+                c = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        return c.get("text_config", c) if isinstance(c, dict) else None
+    return None
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the model, the file and the tensor."""
 

@@ -18,7 +18,6 @@ tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, MergeConfig, TokenizerSpec
+from .io import read_model_config
 from .peers import checkout_off_path
 
 # tensors indexed by token along dim 0: input embeddings and LM heads
@@ -35,13 +35,7 @@ VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|word_embeddings
 
 
 def _vocab_size(path: str) -> int | None:
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            c = json.load(f)
-    except (OSError, ValueError):
-        return None
-    c = c.get("text_config", c) if isinstance(c, dict) else {}
-    v = c.get("vocab_size")
+    v = (read_model_config(path) or {}).get("vocab_size")
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 

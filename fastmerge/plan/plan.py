@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import _LAYER, LAYER_KEYS, ConfigError, MergeConfig, layer_index, layer_t
-from ..io import SIDE_FILES, Checkpoint, CheckpointError, TensorInfo
+from ..io import SIDE_FILES, Checkpoint, CheckpointError, TensorInfo, read_model_config
 from ..methods import Method, get
 from ..methods.base import Inputs, input_groups
 from ..methods.base import resolve as resolve_in
@@ -58,22 +58,9 @@ def _resolver(cfg: MergeConfig, group: Inputs) -> Callable[[str, float], tuple]:
     return resolve_one
 
 
-def read_config(path: str) -> dict | None:
-    """A model folder's config.json (its text_config for a multimodal one), if readable."""
-    cfg = os.path.join(path, "config.json") if os.path.isdir(path) else None
-    if cfg and os.path.isfile(cfg):
-        try:
-            with open(cfg) as f:
-                c = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return None
-        return c.get("text_config", c) if isinstance(c, dict) else None
-    return None
-
-
 def num_layers(ck: Checkpoint) -> int:
     """The model's layer count: config.json's, else one more than the highest layer index of its tensors."""
-    c = read_config(ck.path) or {}
+    c = read_model_config(ck.path) or {}
     for k in LAYER_KEYS:
         if isinstance(c.get(k), int) and not isinstance(c.get(k), bool):
             return c[k]
